@@ -1,0 +1,27 @@
+"""attrpatch: attribution patching and exact activation patching in JAX, validated against each other."""
+
+from attrpatch.gpt2 import GPT2Config
+from attrpatch.interventions import Interventions, Patch
+from attrpatch.loading import load_model, save_model
+from attrpatch.model import Model
+from attrpatch.results import GRANULARITIES, PatchResults, Scores
+from attrpatch.sites import all_site_names, parse_site_name
+from attrpatch.task import METRICS, MetricReference, Task
+
+__all__ = [
+    "GPT2Config",
+    "GRANULARITIES",
+    "Interventions",
+    "METRICS",
+    "MetricReference",
+    "Model",
+    "Patch",
+    "PatchResults",
+    "Scores",
+    "Task",
+    "all_site_names",
+    "load_model",
+    "parse_site_name",
+    "save_model",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,69 @@
+"""Interventions as data: the one place where a forward pass can be edited.
+
+Every site of every architecture passes its activation through :func:`site`. The forward takes an
+:class:`Interventions` value as an ordinary argument, so `jax.grad`, `jax.vmap`, `jax.checkpoint`,
+`jit` and sharding all work without hook machinery, and sites nobody asked for compile away (the
+set of names is part of the pytree structure, hence static).
+
+Keys are TransformerLens hook names *without* the ``blocks.{l}.`` prefix. Block sites
+(``hook_resid_pre``, ``attn.hook_z``, ``mlp.hook_post``, ...) carry a leading layer axis of length
+``n_layers`` (the layer scan slices it); global sites (``hook_embed``, ``hook_pos_embed``,
+``ln_final.hook_normalized``) carry none. Shapes after that axis are the site's shape from
+:data:`attrpatch.sites.SITE_TABLE`, with broadcasting allowed.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jaxtyping import Array
+
+
+class Patch(NamedTuple):
+    """Masked replacement: where ``mask`` is true the activation becomes ``source``.
+
+    Both broadcast against the site's activation (after the layer axis, for block sites).
+    """
+
+    mask: Array
+    source: Array
+
+
+class Interventions(NamedTuple):
+    """Edits applied inside the forward pass.
+
+    **Arguments:**
+
+    - `delta`: site key -> array added to the activation. Attribution differentiates with
+      respect to zero-valued deltas.
+    - `patch`: site key -> :class:`Patch`, a masked replacement (exact patching, ablations).
+
+    Deltas are applied before patches.
+    """
+
+    delta: dict = {}
+    patch: dict = {}
+
+    def layer_slice(self, keys: frozenset[str]) -> Interventions:
+        """The block-site part (still stacked over layers), for the layer scan."""
+        return Interventions(
+            {k: v for k, v in self.delta.items() if k in keys},
+            {k: v for k, v in self.patch.items() if k in keys},
+        )
+
+    def names(self) -> set[str]:
+        return set(self.delta) | set(self.patch)
+
+
+NO_INTERVENTIONS = Interventions()
+
+
+def site(name: str, x: Array, iv: Interventions) -> Array:
+    """Pass activation `x` of site `name` through the interventions `iv` (one layer's slice)."""
+    if name in iv.delta:
+        x = x + iv.delta[name].astype(x.dtype)
+    if name in iv.patch:
+        p = iv.patch[name]
+        x = jnp.where(p.mask, p.source.astype(x.dtype), x)
+    return x

@@ -1,0 +1,128 @@
+"""Patching granularities and the result container shared by attribution and exact patching.
+
+A *granularity* names what one component is (TransformerLens's patching grids). An AtP score and
+an exact effect for the same granularity have the same shape and line up one to one.
+
+| granularity | site | axes | one component is |
+| --- | --- | --- | --- |
+| ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out`` | ``hook_<name>`` | ``layer pos`` | the stream / output at one position |
+| ``z``, ``q``, ``k``, ``v`` | ``attn.hook_<name>`` | ``layer head`` | one head at every position |
+| ``z_by_pos``, ``q_by_pos``, ``k_by_pos``, ``v_by_pos`` | ``attn.hook_<name>`` | ``layer pos head`` | one head at one position |
+| ``pattern`` | ``attn.hook_pattern`` | ``layer head`` | one head's whole pattern |
+| ``pattern_by_query`` | ``attn.hook_pattern`` | ``layer head query_pos`` | one row of a pattern |
+| ``pattern_by_entry`` | ``attn.hook_pattern`` | ``layer head query_pos key_pos`` | one entry of a pattern |
+| ``post`` | ``mlp.hook_post`` | ``layer neuron`` | one neuron at every position |
+| ``post_by_pos`` | ``mlp.hook_post`` | ``layer pos neuron`` | one neuron at one position |
+
+Effects are in metric units: metric(base run with the patch) - metric(base run), where the base
+run is the corrupted one for ``denoise`` (clean activations patched in) and the clean one for
+``noise``. Components a method did not compute are NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# granularity -> (site key, axes)
+GRANULARITIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "resid_pre": ("hook_resid_pre", ("layer", "pos")),
+    "resid_mid": ("hook_resid_mid", ("layer", "pos")),
+    "resid_post": ("hook_resid_post", ("layer", "pos")),
+    "attn_out": ("hook_attn_out", ("layer", "pos")),
+    "mlp_out": ("hook_mlp_out", ("layer", "pos")),
+    "z": ("attn.hook_z", ("layer", "head")),
+    "q": ("attn.hook_q", ("layer", "head")),
+    "k": ("attn.hook_k", ("layer", "head")),
+    "v": ("attn.hook_v", ("layer", "head")),
+    "z_by_pos": ("attn.hook_z", ("layer", "pos", "head")),
+    "q_by_pos": ("attn.hook_q", ("layer", "pos", "head")),
+    "k_by_pos": ("attn.hook_k", ("layer", "pos", "head")),
+    "v_by_pos": ("attn.hook_v", ("layer", "pos", "head")),
+    "pattern": ("attn.hook_pattern", ("layer", "head")),
+    "pattern_by_query": ("attn.hook_pattern", ("layer", "head", "query_pos")),
+    "pattern_by_entry": ("attn.hook_pattern", ("layer", "head", "query_pos", "key_pos")),
+    "post": ("mlp.hook_post", ("layer", "neuron")),
+    "post_by_pos": ("mlp.hook_post", ("layer", "pos", "neuron")),
+}
+DIRECTIONS = ("denoise", "noise")
+
+# Site families, for validation and reports.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "residual stream": ("resid_pre", "resid_mid", "resid_post"),
+    "attention outputs": ("attn_out",),
+    "MLP outputs": ("mlp_out",),
+    "heads": ("z", "z_by_pos"),
+    "q/k/v": ("q", "k", "v", "q_by_pos", "k_by_pos", "v_by_pos"),
+    "patterns": ("pattern", "pattern_by_query", "pattern_by_entry"),
+    "neurons": ("post", "post_by_pos"),
+}
+
+
+def check_granularities(names, attn_only: bool = False) -> tuple[str, ...]:
+    """Validate granularity names; clear error naming the unknown one and the choices."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    for name in names:
+        if name not in GRANULARITIES:
+            raise ValueError(
+                f"unknown granularity {name!r}; choose from {', '.join(GRANULARITIES)}"
+            )
+        if attn_only and GRANULARITIES[name][0].startswith(("mlp", "hook_mlp", "hook_resid_mid")):
+            raise ValueError(f"granularity {name!r} needs MLPs; this model is attention-only")
+    return names
+
+
+def grid_shape(name: str, n_layers: int, n_pos: int, n_heads: int, d_mlp: int) -> tuple[int, ...]:
+    """Shape of granularity `name`'s grid for a model and prompt length."""
+    sizes = {"layer": n_layers, "pos": n_pos, "query_pos": n_pos, "key_pos": n_pos,
+             "head": n_heads, "neuron": d_mlp}
+    return tuple(sizes[a] for a in GRANULARITIES[name][1])
+
+
+@dataclasses.dataclass
+class Scores:
+    """One method's numbers for one granularity.
+
+    - `values`: batch-mean effect per component, shape = the granularity's axes.
+    - `per_prompt`: ``[prompt, *axes]`` or None.
+    """
+
+    granularity: str
+    values: np.ndarray
+    per_prompt: np.ndarray | None = None
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        return GRANULARITIES[self.granularity][1]
+
+
+@dataclasses.dataclass
+class PatchResults:
+    """Everything one method (``"atp"`` or ``"exact"``) measured on one task.
+
+    `base_metric` is the unpatched base run's batch metric (corrupted for denoise, clean for noise)
+    and `source_metric` the run the patched activations come from; `gap = source - base` is what
+    a patch that moved the base run all the way would change.
+    """
+
+    method: str
+    direction: str
+    metric: str
+    base_metric: float
+    source_metric: float
+    scores: dict[str, Scores]
+    base_metric_per_prompt: np.ndarray | None = None
+    source_metric_per_prompt: np.ndarray | None = None
+    seconds: float | None = None
+
+    @property
+    def gap(self) -> float:
+        return self.source_metric - self.base_metric
+
+    def normalized(self, granularity: str) -> np.ndarray:
+        """`values / gap`: 1 means the patch alone moves the metric all the way to the source."""
+        return self.scores[granularity].values / self.gap
+
+    def __getitem__(self, granularity: str) -> np.ndarray:
+        return self.scores[granularity].values
