@@ -1,0 +1,60 @@
+"""Shared fixtures: random Hugging Face GPT-2 checkpoints written with `save_pretrained`.
+
+Biases and LayerNorm parameters are set to random non-trivial values (the library defaults of
+zeros and ones hide bugs).
+"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+jax.config.update("jax_enable_x64", False)
+
+TINY = dict(vocab_size=61, n_positions=16, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+
+
+def build_hf_gpt2(seed: int = 0, **overrides):
+    """A random-initialised `transformers.GPT2LMHeadModel` in eval mode (float32)."""
+    import torch
+    import transformers
+
+    kwargs = dict(TINY, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0) | overrides
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kwargs)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif ".ln_" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Factory: `hf_checkpoint(seed=0, **gpt2_config_overrides) -> (path, torch_model)`."""
+
+    def make(seed: int = 0, save_kwargs: dict | None = None, **overrides):
+        model = build_hf_gpt2(seed, **overrides)
+        path = tmp_path / f"gpt2-{seed}-{len(list(tmp_path.iterdir()))}"
+        model.save_pretrained(path, **(save_kwargs or {}))
+        return path, model
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A tiny random GPT-2 `attrpatch.Model` (2 layers, d_model 32, 4 heads, vocab 61, ctx 16)
+    loaded through `load_model` from a `save_pretrained` checkpoint, and its torch twin."""
+    import tempfile
+
+    from attrpatch import load_model
+
+    torch_model = build_hf_gpt2(seed=1)
+    path = tempfile.mkdtemp(prefix="attrpatch-tiny-")
+    torch_model.save_pretrained(path)
+    return load_model(path), torch_model
