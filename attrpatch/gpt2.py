@@ -6,8 +6,9 @@ Parameters are a plain dict pytree with the block weights stacked over a leading
 | key | shape |
 | --- | --- |
 | ``W_E`` / ``W_pos`` | ``[d_vocab, d_model]`` / ``[n_ctx, d_model]`` |
-| ``blocks.ln1_w``, ``ln1_b``, ``ln2_w``, ``ln2_b``, ``b_O``, ``b_out`` | ``[L, d_model]`` |
-| ``blocks.W_Q``, ``W_K``, ``W_V`` / ``b_Q``, ``b_K``, ``b_V`` | ``[L, d_model, head, d_head]`` / ``[L, head, d_head]`` |
+| ``blocks.ln1_w``, ``ln1_b``, ``ln2_w``, ``ln2_b``, ``b_O``, ``b_out`` | ``[L, d_model]``|
+| ``blocks.W_Q``, ``W_K``, ``W_V`` | ``[L, d_model, head, d_head]`` |
+| ``blocks.b_Q``, ``b_K``, ``b_V`` | ``[L, head, d_head]`` |
 | ``blocks.W_O`` | ``[L, head, d_head, d_model]`` |
 | ``blocks.W_in`` / ``b_in`` / ``W_out`` | ``[L, d_model, d_mlp]`` / ``[L, d_mlp]`` / ``[L, d_mlp, d_model]`` |
 | ``ln_f_w``, ``ln_f_b`` | ``[d_model]`` |
@@ -279,7 +280,7 @@ def layer_norm(x: Float[Array, "... d"], w, b, eps: float) -> Float[Array, "... 
 def attention_bias(
     attention_mask: Int[Array, "batch pos"] | None, n_pos: int, batch: int
 ) -> Array:
-    """Boolean keep-mask ``[batch, 1, query_pos, key_pos]``: causal, and padded keys (``attention_mask == 0``) dropped."""
+    """Boolean keep-mask ``[batch, 1, query_pos, key_pos]``: causal, padded keys dropped."""
     causal = jnp.tril(jnp.ones((n_pos, n_pos), bool))[None, None]
     if attention_mask is None:
         return jnp.broadcast_to(causal, (batch, 1, n_pos, n_pos))
@@ -368,7 +369,8 @@ def forward(
         return x
 
     embed = global_hook("hook_embed", params["W_E"][tokens])
-    pos_embed = global_hook("hook_pos_embed", jnp.broadcast_to(params["W_pos"][:n_pos], embed.shape))
+    pos_embed = jnp.broadcast_to(params["W_pos"][:n_pos], embed.shape)
+    pos_embed = global_hook("hook_pos_embed", pos_embed)
     resid = embed + pos_embed
     keep = attention_bias(attention_mask, n_pos, batch)
     keys = block_keys(cfg.attn_only)

@@ -5,9 +5,9 @@ an exact effect for the same granularity have the same shape and line up one to 
 
 | granularity | site | axes | one component is |
 | --- | --- | --- | --- |
-| ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out`` | ``hook_<name>`` | ``layer pos`` | the stream / output at one position |
+| ``resid_pre/mid/post``, ``attn_out``, ``mlp_out`` | ``hook_<name>`` | ``layer pos`` | one position |
 | ``z``, ``q``, ``k``, ``v`` | ``attn.hook_<name>`` | ``layer head`` | one head at every position |
-| ``z_by_pos``, ``q_by_pos``, ``k_by_pos``, ``v_by_pos`` | ``attn.hook_<name>`` | ``layer pos head`` | one head at one position |
+| ``z_by_pos``, ``q_by_pos``, ... | ``attn.hook_<name>`` | ``layer pos head`` | one head at one position |
 | ``pattern`` | ``attn.hook_pattern`` | ``layer head`` | one head's whole pattern |
 | ``pattern_by_query`` | ``attn.hook_pattern`` | ``layer head query_pos`` | one row of a pattern |
 | ``pattern_by_entry`` | ``attn.hook_pattern`` | ``layer head query_pos key_pos`` | one entry of a pattern |
