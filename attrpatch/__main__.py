@@ -1,0 +1,7 @@
+"""``python -m attrpatch``: the command line (see :mod:`attrpatch.cli`)."""
+
+import sys
+
+from attrpatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,528 @@
+"""Command line: ``attrpatch demo | scan | validate`` (also ``python -m attrpatch``).
+
+- ``attrpatch demo [--model DIR] [--out DIR]``: AtP, exact patching and validation on the shipped
+  IOI model (or any checkpoint naming its task in ``attrpatch_task.json``), then the report.
+- ``attrpatch scan --model DIR --data FILE --out DIR [--sites ...] [--methods atp,exact]
+  [--direction denoise|noise] [--metric NAME] [--verify-top K --verify-random R] [--by-pos]``.
+- ``attrpatch validate OUT_DIR [--threshold NAME=VALUE ...]``: re-validate saved results.
+
+Outputs (in ``--out``, written into a temporary directory beside it and renamed into place, so a
+failure leaves nothing half-written): ``results.npz`` (``atp/<granularity>``,
+``exact/<granularity>``), ``diagnostics.npz``, ``results.csv``, ``summary.json``, PNG figures and
+a self-contained ``report.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from attrpatch.results import GRANULARITIES, PatchResults, Scores
+from attrpatch.task import METRICS
+
+# TransformerLens short site names -> granularities (default, extra with --by-pos).
+SITES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "resid_pre": (("resid_pre",), ()),
+    "resid_mid": (("resid_mid",), ()),
+    "resid_post": (("resid_post",), ()),
+    "attn_out": (("attn_out",), ()),
+    "mlp_out": (("mlp_out",), ()),
+    "z": (("z",), ("z_by_pos",)),
+    "q": (("q",), ("q_by_pos",)),
+    "k": (("k",), ("k_by_pos",)),
+    "v": (("v",), ("v_by_pos",)),
+    "pattern": (("pattern",), ("pattern_by_query",)),
+    "post": (("post",), ("post_by_pos",)),
+}
+DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "z")
+DEMO_SITES = ("resid_pre", "attn_out", "mlp_out", "z", "q", "k")
+DEFAULT_MODEL = "ioi-gpt2-4l"
+
+
+class CLIError(Exception):
+    """Bad input found before any compute: printed as ``attrpatch: error: ...``, exit code 2."""
+
+
+def default_model_dir() -> Path:
+    """The shipped demo model: ``models/ioi-gpt2-4l`` beside the package (or in the cwd)."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "models" / DEFAULT_MODEL / "config.json").is_file():
+            return root / "models" / DEFAULT_MODEL
+    return Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL
+
+
+def sites_to_granularities(sites, by_pos: bool = False, attn_only: bool = False) -> list[str]:
+    """TransformerLens short names (or granularity names) -> granularity names, in order."""
+    if isinstance(sites, str):
+        sites = [s for s in sites.replace(",", " ").split() if s]
+    out: list[str] = []
+    for s in sites:
+        if s in SITES:
+            base, extra = SITES[s]
+            out += list(base) + (list(extra) if by_pos else [])
+        elif s in GRANULARITIES:
+            out.append(s)
+        else:
+            raise CLIError(f"unknown site {s!r}; choose from {', '.join(SITES)} "
+                           f"(or a granularity: {', '.join(GRANULARITIES)})")
+    out = list(dict.fromkeys(out))
+    if attn_only:
+        bad = [g for g in out if GRANULARITIES[g][0] in
+               ("hook_resid_mid", "hook_mlp_out", "mlp.hook_post")]
+        if bad:
+            raise CLIError(f"site(s) {', '.join(bad)} need MLPs; this model is attention-only")
+    return out
+
+
+def parse_thresholds(items):
+    """``["large=0.2", "top_k=5,20"]`` -> :class:`attrpatch.validation.Thresholds`."""
+    from attrpatch.validation import Thresholds
+
+    t = Thresholds()
+    fields = {f.name: f for f in dataclasses.fields(t)}
+    changes = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in fields:
+            raise CLIError(f"bad --threshold {item!r}: expected NAME=VALUE with NAME one of "
+                           f"{', '.join(fields)}")
+        try:
+            if name == "top_k":
+                changes[name] = tuple(int(v) for v in value.split(","))
+            else:
+                changes[name] = float(value)
+        except ValueError as e:
+            raise CLIError(f"bad --threshold {item!r}: {e}") from e
+    return t.replace(**changes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output directory handling
+
+
+def _staging_dir(out: Path) -> Path:
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "summary.json").is_file():
+        raise CLIError(f"--out {out} exists, is not empty and is not an attrpatch output; "
+                       "refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def _commit(staging: Path, out: Path) -> None:
+    out = out.resolve()
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(old / out.name)
+        staging.rename(out)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing results
+
+
+def token_strings(model_dir, task) -> list[str] | None:
+    """Token strings of the first clean prompt (None without a tokenizer.json)."""
+    if model_dir is None or not (Path(model_dir) / "tokenizer.json").is_file():
+        return None
+    try:
+        from attrpatch.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(model_dir)
+    except (ImportError, OSError, ValueError):
+        return None
+    ids = np.asarray(task.clean_tokens[0]).tolist()
+    return [(tok.id_to_token(i) or str(i)).replace("\u0120", " ").replace("\u010a", "\\n")
+            for i in ids]
+
+
+def _versions() -> dict:
+    import jax
+
+    import attrpatch
+
+    return {"attrpatch": attrpatch.__version__, "jax": jax.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "backend": jax.default_backend()}
+
+
+def results_meta(r: PatchResults | None) -> dict | None:
+    if r is None:
+        return None
+    return {"method": r.method, "direction": r.direction, "metric": r.metric,
+            "base_metric": r.base_metric, "source_metric": r.source_metric, "gap": r.gap,
+            "seconds": r.seconds, "granularities": list(r.scores)}
+
+
+def _write_csv(path: Path, results: list[PatchResults], validation, tokens) -> None:
+    from attrpatch.validation import component_label
+
+    flags = {}
+    if validation is not None:
+        flags = {(f.granularity, f.index): f for f in validation.flags}
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "granularity", "component", "index", "effect", "normalized",
+                    "flag", "severity", "level", "causes"])
+        for r in results:
+            gap = r.gap
+            for g, s in r.scores.items():
+                v = np.asarray(s.values, float)
+                for idx in np.ndindex(v.shape):
+                    x = v[idx]
+                    f = flags.get((g, tuple(int(i) for i in idx)))
+                    norm = x / gap if gap != 0 else float("nan")
+                    w.writerow([
+                        r.method, g, component_label(g, idx, tokens), ",".join(map(str, idx)),
+                        "" if not np.isfinite(x) else f"{x:.6g}",
+                        "" if not np.isfinite(norm) else f"{norm:.6g}",
+                        f.kind if f else "", f"{f.severity:.4g}" if f else "",
+                        f.level if f else "", ";".join(f.causes) if f else "",
+                    ])
+
+
+def write_outputs(out_dir: Path, atp, exact, validation, diagnostics, budget, run: dict,
+                  tokens) -> dict:
+    """Write every output file into `out_dir` (an existing, empty directory); returns summary."""
+    from attrpatch.report import make_figures, write_report
+
+    arrays = {}
+    for r in (atp, exact):
+        if r is not None:
+            for g, s in r.scores.items():
+                arrays[f"{r.method}/{g}"] = np.asarray(s.values)
+    np.savez(out_dir / "results.npz", **arrays)
+    if diagnostics is not None:
+        np.savez(out_dir / "diagnostics.npz", **diagnostics.to_arrays())
+    _write_csv(out_dir / "results.csv", [r for r in (atp, exact) if r is not None], validation,
+               tokens)
+    t0 = time.perf_counter()
+    figures = make_figures(out_dir, atp, exact, validation, tokens)
+    run = dict(run)
+    run.setdefault("timings", {})["figures_s"] = round(time.perf_counter() - t0, 3)
+    summary = {
+        "run": run,
+        "tokens": tokens,
+        "atp": results_meta(atp),
+        "exact": results_meta(exact),
+        "validation": validation.to_json() if validation is not None else None,
+        "diagnostics": diagnostics.meta() if diagnostics is not None else None,
+        "budget": {g: b.to_json() for g, b in budget.items()} if budget else None,
+        "figures": [p.name for p in figures],
+        "files": sorted(["results.npz", "results.csv", "summary.json", "report.html"]
+                        + (["diagnostics.npz"] if diagnostics is not None else [])
+                        + [p.name for p in figures]),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    write_report(out_dir, summary, figures, validation)
+    return summary
+
+
+def _json_default(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def load_outputs(out_dir: Path):
+    """(atp, exact, diagnostics, summary) from a previous run's output directory."""
+    from attrpatch.validation import Diagnostics
+
+    out_dir = Path(out_dir)
+    for name in ("results.npz", "summary.json"):
+        if not (out_dir / name).is_file():
+            raise CLIError(f"{out_dir} has no {name}; is it an attrpatch output directory?")
+    summary = json.loads((out_dir / "summary.json").read_text())
+    results = {}
+    with np.load(out_dir / "results.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    for method in ("atp", "exact"):
+        meta = summary.get(method)
+        if not meta:
+            results[method] = None
+            continue
+        scores = {k.split("/", 1)[1]: Scores(k.split("/", 1)[1], v)
+                  for k, v in arrays.items() if k.startswith(method + "/")}
+        results[method] = PatchResults(method, meta["direction"], meta["metric"],
+                                       meta["base_metric"], meta["source_metric"], scores,
+                                       seconds=meta.get("seconds"))
+    diagnostics = None
+    if (out_dir / "diagnostics.npz").is_file() and summary.get("diagnostics"):
+        with np.load(out_dir / "diagnostics.npz") as f:
+            diagnostics = Diagnostics.from_arrays({k: f[k] for k in f.files},
+                                                  summary["diagnostics"])
+    return results["atp"], results["exact"], diagnostics, summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+def _load_model(model_dir):
+    from attrpatch.loading import load_model
+
+    try:
+        return load_model(model_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from e
+
+
+def run_pipeline(model, model_dir, task, granularities, methods, direction, metric, out: Path,
+                 run: dict, thresholds, verify_top=None, verify_random=None, seed=0,
+                 quiet=False) -> dict:
+    """AtP / exact / budgeted verification, diagnostics, validation, outputs (atomic)."""
+    from attrpatch.validation import budget_report, budget_sample, diagnose, validate, verify_budgeted
+
+    staging = _staging_dir(out)
+    try:
+        timings = {}
+        atp = exact = diagnostics = validation = None
+        budget = {}
+        if "atp" in methods:
+            from attrpatch.attribution import attribute
+
+            t0 = time.perf_counter()
+            atp = attribute(model, task, granularities=granularities, direction=direction,
+                            metric=metric)
+            timings["atp_s"] = round(time.perf_counter() - t0, 3)
+        if "exact" in methods:
+            from attrpatch.patching import patch
+
+            t0 = time.perf_counter()
+            kwargs = {}
+            if any(g.startswith("post") for g in granularities) and atp is not None:
+                kwargs["neurons"] = atp
+            exact = patch(model, task, granularities=granularities, direction=direction,
+                          metric=metric, progress=not quiet, **kwargs)
+            timings["exact_s"] = round(time.perf_counter() - t0, 3)
+        if atp is not None and (verify_top or verify_random):
+            t0 = time.perf_counter()
+            if exact is None:
+                exact, budget = verify_budgeted(model, task, atp, verify_top or 0,
+                                                verify_random or 0, seed, thresholds)
+            else:
+                for g in granularities:
+                    top, rand = budget_sample(atp[g], verify_top or 0, verify_random or 0, seed)
+                    thr = thresholds.large * max(abs(exact.gap), thresholds.min_gap)
+                    budget[g] = budget_report(g, atp[g], exact[g], top, rand, thr)
+            timings["verify_s"] = round(time.perf_counter() - t0, 3)
+        tokens = token_strings(model_dir, task)
+        if atp is not None and exact is not None:
+            t0 = time.perf_counter()
+            diagnostics = diagnose(model, task, granularities, direction, metric, thresholds)
+            timings["diagnose_s"] = round(time.perf_counter() - t0, 3)
+            validation = validate(atp, exact, diagnostics, thresholds, tokens)
+        run = dict(run, timings=timings, versions=_versions(),
+                   thresholds=dataclasses.asdict(thresholds))
+        summary = write_outputs(staging, atp, exact, validation, diagnostics, budget, run, tokens)
+        _commit(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    summary["_validation"] = validation
+    return summary
+
+
+def print_summary(summary: dict, out: Path, file=None) -> None:
+    """A short table: verdict and agreement per family, the worst flags, the report path."""
+    file = file or sys.stdout
+    v = summary.get("validation")
+    timings = summary["run"].get("timings", {})
+    if summary.get("atp"):
+        a = summary["atp"]
+        print(f"metric {a['metric']} ({a['direction']}): base {a['base_metric']:.4g}, "
+              f"source {a['source_metric']:.4g}, gap {a['gap']:.4g}", file=file)
+    if v:
+        print(f"{'family':<20}{'verdict':<12}{'n':>6}{'pearson':>9}{'spearman':>9}"
+              f"{'recall@10':>10}{'flags':>7}", file=file)
+        for fam, s in v["by_family"].items():
+            print(f"{fam:<20}{v['verdicts'][fam]:<12}{s['n']:>6}{s['pearson']:>9.3f}"
+                  f"{s['spearman']:>9.3f}{s.get('recall@10', float('nan')):>10.2f}"
+                  f"{s['n_flags']:>7}", file=file)
+        for f in v["flags"][:5]:
+            print(f"  [{f['level']}] {f['label']}: {f['reason']}", file=file)
+        if len(v["flags"]) > 5:
+            print(f"  ... {len(v['flags']) - 5} more flags in results.csv", file=file)
+    for g, b in (summary.get("budget") or {}).items():
+        print(f"budget {g}: verified top {len(b['top'])} + {len(b['random'])} random of "
+              f"{b['n_components']}; est. missed large effects {b['missed_estimate']:.3g} "
+              f"(95% upper {b['missed_upper']:.3g})", file=file)
+    if timings:
+        print("timings: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()), file=file)
+    print(f"report: {Path(out).resolve() / 'report.html'}", file=file)
+
+
+def cmd_demo(args) -> int:
+    from attrpatch.tasks import task_for_model
+
+    t_start = time.perf_counter()
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    if not (model_dir / "config.json").is_file():
+        raise CLIError(f"demo model {model_dir} not found (pass --model DIR)")
+    model = _load_model(model_dir)
+    try:
+        task = task_for_model(model_dir, n_prompts=args.n_prompts)
+        task.check_for(model)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    grans = sites_to_granularities(DEMO_SITES, attn_only=model.config.attn_only)
+    thresholds = parse_thresholds(args.threshold)
+    run = {"command": _command(), "subcommand": "demo", "model": str(model_dir),
+           "data": "attrpatch_task.json", "direction": "denoise", "metric": task.metric,
+           "methods": "atp,exact", "granularities": ",".join(grans), "n_prompts": task.batch,
+           "n_pos": task.n_pos}
+    out = Path(args.out)
+    summary = run_pipeline(model, model_dir, task, grans, ("atp", "exact"), "denoise", None, out,
+                           run, thresholds, quiet=args.quiet)
+    print_summary(summary, out)
+    print(f"demo wall time {time.perf_counter() - t_start:.1f}s")
+    return 0
+
+
+def cmd_scan(args) -> int:
+    from attrpatch.data import DataError, load_task
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    bad = [m for m in methods if m not in ("atp", "exact")]
+    if bad or not methods:
+        raise CLIError(f"--methods takes atp and/or exact, got {args.methods!r}")
+    if (args.verify_top or args.verify_random) and "atp" not in methods:
+        raise CLIError("--verify-top/--verify-random need the atp method")
+    for name in ("verify_top", "verify_random"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 0")
+    thresholds = parse_thresholds(args.threshold)
+    model = _load_model(args.model)
+    grans = sites_to_granularities(args.sites, args.by_pos, model.config.attn_only)
+    try:
+        task = load_task(args.data, model=model, model_dir=args.model, metric=args.metric)
+    except DataError as e:
+        raise CLIError(str(e)) from e
+    run = {"command": _command(), "subcommand": "scan", "model": str(args.model),
+           "data": str(args.data), "direction": args.direction, "metric": args.metric,
+           "methods": ",".join(methods), "granularities": ",".join(grans),
+           "n_prompts": task.batch, "n_pos": task.n_pos, "verify_top": args.verify_top,
+           "verify_random": args.verify_random, "seed": args.seed}
+    out = Path(args.out)
+    summary = run_pipeline(model, args.model, task, grans, methods, args.direction, args.metric,
+                           out, run, thresholds, args.verify_top, args.verify_random, args.seed,
+                           quiet=args.quiet)
+    print_summary(summary, out)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from attrpatch.validation import validate
+
+    out = Path(args.out_dir)
+    atp, exact, diagnostics, old = load_outputs(out)
+    if atp is None or exact is None:
+        raise CLIError(f"{out} needs both AtP and exact results to validate")
+    thresholds = parse_thresholds(args.threshold)
+    tokens = old.get("tokens")
+    validation = validate(atp, exact, diagnostics, thresholds, tokens)
+    budget = None
+    if old.get("budget"):
+        from attrpatch.validation import budget_report
+
+        budget = {}
+        for g, b in old["budget"].items():
+            thr = thresholds.large * max(abs(exact.gap), thresholds.min_gap)
+            budget[g] = budget_report(g, atp[g], exact[g], np.asarray(b["top"], int).reshape(
+                -1, atp[g].ndim), np.asarray(b["random"], int).reshape(-1, atp[g].ndim), thr)
+    run = dict(old["run"], revalidated_by=_command(), thresholds=dataclasses.asdict(thresholds))
+    staging = _staging_dir(out)
+    try:
+        summary = write_outputs(staging, atp, exact, validation, diagnostics, budget, run, tokens)
+        _commit(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print_summary(summary, out)
+    return 0
+
+
+def _command() -> str:
+    return " ".join(shlex.quote(a) for a in ["attrpatch", *sys.argv[1:]])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attrpatch", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    thr_help = ("override a validation threshold (attrpatch.validation.Thresholds), e.g. "
+                "large=0.2 or attn_saturation=0.9; repeatable")
+
+    d = sub.add_parser("demo", help="AtP + exact patching + validation on the shipped IOI model")
+    d.add_argument("--model", help=f"checkpoint directory (default: models/{DEFAULT_MODEL})")
+    d.add_argument("--out", default="attrpatch-demo", help="output directory")
+    d.add_argument("--n-prompts", type=int, default=None, help="prompts (default: the model's)")
+    d.add_argument("--threshold", action="append", metavar="NAME=VALUE", help=thr_help)
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("scan", help="patch a model on a data file")
+    s.add_argument("--model", required=True, help="checkpoint directory")
+    s.add_argument("--data", required=True,
+                   help=".npz/.json token ids, or text prompts (.json/.jsonl/.csv, auto-circuit)")
+    s.add_argument("--sites", nargs="+", default=list(DEFAULT_SITES),
+                   help=f"TransformerLens short names: {', '.join(SITES)} (default: "
+                        f"{' '.join(DEFAULT_SITES)})")
+    s.add_argument("--by-pos", action="store_true",
+                   help="head/pattern/neuron sites also per position (z_by_pos, ...)")
+    s.add_argument("--methods", default="atp,exact", help="atp,exact (default) or one of them")
+    s.add_argument("--direction", choices=("denoise", "noise"), default="denoise")
+    s.add_argument("--metric", choices=tuple(METRICS), default="logit_diff")
+    s.add_argument("--verify-top", type=int, default=None, metavar="K",
+                   help="exact-verify AtP's top K components (with --methods atp)")
+    s.add_argument("--verify-random", type=int, default=None, metavar="R",
+                   help="and R random others, to estimate what AtP missed")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random verification sample")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--threshold", action="append", metavar="NAME=VALUE", help=thr_help)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_scan)
+
+    v = sub.add_parser("validate", help="re-validate saved results with other thresholds")
+    v.add_argument("out_dir", help="a scan/demo output directory")
+    v.add_argument("--threshold", action="append", metavar="NAME=VALUE", help=thr_help)
+    v.set_defaults(func=cmd_validate)
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``attrpatch`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"attrpatch: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Figures (matplotlib, Agg) and a self-contained HTML report of AtP vs exact patching.
+
+- :func:`heatmap_figure`: one granularity, AtP and exact side by side on one diverging colour
+  scale centred on zero, labelled axes (token strings where given).
+- :func:`scatter_figure`: one site family, AtP against exact with the y = x line, flagged
+  components marked and the worst labelled.
+- :func:`write_report`: ``report.html`` with every figure base64-embedded, a verdict per family,
+  the flags table sorted by severity, and the run settings.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from attrpatch.results import FAMILIES, GRANULARITIES, PatchResults  # noqa: E402
+from attrpatch.validation import Validation, component_label  # noqa: E402
+
+MAX_ROWS = 96  # grids with more rows than this are summarised (sum over the last axis)
+FLAG_COLOURS = {"false negative": "#d62728", "false positive": "#ff7f0e",
+                "sign flip": "#9467bd", "magnitude error": "#8c564b"}
+
+
+def _grid_2d(values: np.ndarray, axes: tuple[str, ...], tokens):
+    """A 2-D view ``[rows, cols]`` of a granularity grid: (grid, ylabel, xlabel, yticks, xticks,
+    note). Head axes are folded into rows ``L{layer}H{head}``; 3-D+ neuron / key grids are summed."""
+    v = np.asarray(values, float)
+    num = lambda n: [str(i) for i in range(n)]
+    tok = lambda n: [f"{i} {tokens[i]!r}" if tokens is not None and i < len(tokens) else str(i)
+                     for i in range(n)]
+    heads = lambda n_layers, n_heads: [f"L{a}H{b}" for a in range(n_layers) for b in range(n_heads)]
+    if axes == ("layer", "pos"):
+        return v, "layer", "position", num(v.shape[0]), tok(v.shape[1]), ""
+    if axes == ("layer", "head"):
+        return v, "layer", "head", num(v.shape[0]), num(v.shape[1]), ""
+    if axes == ("layer", "neuron"):
+        return v, "layer", "neuron", num(v.shape[0]), None, ""
+    if axes == ("layer", "pos", "head"):
+        n_layers, n_pos, n_heads = v.shape
+        rows = np.transpose(v, (0, 2, 1)).reshape(n_layers * n_heads, n_pos)
+        return rows, "layer.head", "position", heads(n_layers, n_heads), tok(n_pos), ""
+    if axes == ("layer", "pos", "neuron"):
+        return (np.nansum(v, axis=2), "layer", "position", num(v.shape[0]), tok(v.shape[1]),
+                " (summed over neurons)")
+    note = ""
+    if axes == ("layer", "head", "query_pos", "key_pos"):
+        v, note = np.nansum(v, axis=3), " (summed over keys)"
+    n_layers, n_heads, n_q = v.shape
+    return (v.reshape(n_layers * n_heads, n_q), "layer.head", "query position",
+            heads(n_layers, n_heads), tok(n_q), note)
+
+
+def heatmap_figure(granularity: str, atp: np.ndarray | None, exact: np.ndarray | None,
+                   path: str | Path, tokens: Sequence[str] | None = None,
+                   metric: str = "", flags: np.ndarray | None = None) -> Path:
+    """AtP and exact heatmaps of one granularity side by side; one colour scale centred on 0.
+
+    `flags`: optional ``[*axes]`` strings (non-empty where flagged); flagged cells get a box.
+    """
+    axes = GRANULARITIES[granularity][1]
+    panels = [(n, v) for n, v in (("AtP", atp), ("exact", exact)) if v is not None]
+    views = [(name,) + _grid_2d(v, axes, tokens) for name, v in panels]
+    finite = np.concatenate([np.ravel(v[1])[np.isfinite(np.ravel(v[1]))] for v in views] + [np.zeros(1)])
+    vmax = float(np.abs(finite).max()) or 1.0
+    rows, cols = views[0][1].shape
+    width = min(7.5, 2.2 + 0.45 * cols) if views[0][6] is not None else 6.0
+    height = min(12.0, 1.4 + 0.28 * rows)
+    fig, axs = plt.subplots(1, len(views), figsize=(width * len(views) + 1.0, height),
+                            squeeze=False, constrained_layout=True)
+    flag_view = None
+    if flags is not None:
+        flag_view = _grid_2d((np.asarray(flags) != "").astype(float), axes, tokens)[0]
+    im = None
+    for ax, (name, grid, ylab, xlab, yticks, xticks, note) in zip(axs[0], views, strict=True):
+        shown = np.ma.masked_invalid(grid)
+        cmap = plt.get_cmap("RdBu_r").copy()
+        cmap.set_bad("#dddddd")
+        im = ax.imshow(shown, cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto",
+                       interpolation="nearest")
+        ax.set_title(f"{name}: {granularity}{note}", fontsize=10)
+        ax.set_ylabel(ylab)
+        ax.set_xlabel(xlab)
+        if len(yticks) <= 48:
+            ax.set_yticks(range(len(yticks)), yticks, fontsize=7 if len(yticks) > 16 else 8)
+        if xticks is not None and len(xticks) <= 48:
+            ax.set_xticks(range(len(xticks)), xticks, rotation=60, ha="right", fontsize=7)
+        if flag_view is not None:
+            for r, c in zip(*np.nonzero(flag_view > 0), strict=True):
+                ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, lw=1.5,
+                                           ec="black"))
+    cbar = fig.colorbar(im, ax=list(axs[0]), shrink=0.9)
+    cbar.set_label(f"effect on {metric}" if metric else "effect (metric units)")
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def scatter_figure(family: str, atp: PatchResults, exact: PatchResults, validation: Validation,
+                   path: str | Path, max_labels: int = 8) -> Path | None:
+    """AtP (y) against exact (x) for every component of one family, y = x line, flags marked."""
+    gs = [g for g in FAMILIES[family] if g in validation.by_granularity]
+    if not gs:
+        return None
+    fig, ax = plt.subplots(figsize=(5.6, 5.0), constrained_layout=True)
+    markers = "os^Dv<>p"
+    lo, hi = 0.0, 0.0
+    for i, g in enumerate(gs):
+        a, e = np.ravel(atp[g]), np.ravel(exact[g])
+        ok = np.isfinite(a) & np.isfinite(e)
+        ax.scatter(e[ok], a[ok], s=14, alpha=0.6, marker=markers[i % len(markers)],
+                   color="#1f77b4" if i == 0 else f"C{i + 2}", label=f"{g} ({ok.sum()})")
+        if ok.any():
+            lo, hi = min(lo, e[ok].min(), a[ok].min()), max(hi, e[ok].max(), a[ok].max())
+    pad = 0.05 * (hi - lo or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="gray", lw=1, ls="--", label="y = x")
+    ax.axhline(0, color="#bbbbbb", lw=0.6)
+    ax.axvline(0, color="#bbbbbb", lw=0.6)
+    flags = [f for f in validation.flags if f.granularity in gs]
+    for kind, colour in FLAG_COLOURS.items():
+        pts = [f for f in flags if f.kind == kind]
+        if pts:
+            ax.scatter([f.exact for f in pts], [f.atp for f in pts], s=60, facecolors="none",
+                       edgecolors=colour, linewidths=1.6, label=f"{kind} ({len(pts)})")
+    for f in flags[:max_labels]:
+        ax.annotate(f.label.split(":", 1)[1], (f.exact, f.atp), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xlabel(f"exact patching effect ({exact.metric})")
+    ax.set_ylabel(f"AtP estimate ({atp.metric})")
+    stats = validation.by_family[family]
+    ax.set_title(f"{family}: Pearson {stats['pearson']:.3f}, "
+                 f"recall@10 {stats.get('recall@10', float('nan')):.2f}", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def make_figures(out_dir: str | Path, atp: PatchResults | None, exact: PatchResults | None,
+                 validation: Validation | None, tokens=None) -> list[Path]:
+    """Write every heatmap and scatter PNG into `out_dir`; returns their paths."""
+    out_dir = Path(out_dir)
+    paths = []
+    grans = [g for g in GRANULARITIES
+             if (atp is not None and g in atp.scores) or (exact is not None and g in exact.scores)]
+    metric = (atp or exact).metric
+    for g in grans:
+        a = atp[g] if atp is not None and g in atp.scores else None
+        e = exact[g] if exact is not None and g in exact.scores else None
+        flags = validation.flag_grids.get(g) if validation is not None else None
+        paths.append(heatmap_figure(g, a, e, out_dir / f"heatmap_{g}.png", tokens, metric, flags))
+    if validation is not None:
+        for fam in validation.by_family:
+            slug = fam.replace(" ", "_").replace("/", "")
+            p = scatter_figure(fam, atp, exact, validation, out_dir / f"scatter_{slug}.png")
+            if p is not None:
+                paths.append(p)
+    return paths
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return "n/a" if not np.isfinite(x) else f"{x:.3g}"
+    return html.escape(str(x))
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;
+font-size:13px;text-align:left}th{background:#f3f3f3}img{max-width:100%;margin:0.5em 0}
+.reliable{color:#1a7f37;font-weight:600}.caution{color:#b35900;font-weight:600}
+.unreliable{color:#c62828;font-weight:600}.high{background:#fde0e0}.medium{background:#fff3d6}
+code{background:#f5f5f5;padding:1px 3px}"""
+
+
+def write_report(out_dir: str | Path, summary: dict, figures: Sequence[Path],
+                 validation: Validation | None) -> Path:
+    """Write ``report.html`` (self-contained: figures embedded) into `out_dir`."""
+    out_dir = Path(out_dir)
+    h = ["<!doctype html><html><head><meta charset='utf-8'><title>attrpatch report</title>",
+         f"<style>{CSS}</style></head><body><h1>attrpatch report</h1>"]
+    run = summary.get("run", {})
+    h.append("<h2>Run settings</h2><table>")
+    for k, v in run.items():
+        h.append(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>")
+    h.append("</table>")
+    if validation is not None:
+        h.append("<h2>Verdict per site family</h2><table><tr><th>family</th><th>verdict</th>"
+                 "<th>n</th><th>Pearson</th><th>Spearman</th><th>slope</th><th>sign agreement</th>"
+                 "<th>recall@5</th><th>recall@10</th><th>recall@5%</th><th>median |err| / |gap|</th>"
+                 "<th>max |err| / |gap|</th><th>flags (high)</th></tr>")
+        for fam, s in validation.by_family.items():
+            v = validation.verdicts[fam]
+            h.append(f"<tr><td>{html.escape(fam)}</td><td class='{v}'>{v}</td><td>{s['n']}</td>"
+                     + "".join(f"<td>{_fmt(s.get(k, float('nan')))}</td>" for k in (
+                         "pearson", "spearman", "slope", "sign_agreement", "recall@5",
+                         "recall@10", "recall@5%", "median_abs_error_share", "max_abs_error_share"))
+                     + f"<td>{s['n_flags']} ({s['n_high']})</td></tr>")
+        h.append("</table>")
+        t = validation.thresholds
+        h.append(f"<p>gap (source - base metric) = {validation.gap:.4g}; effects compared in units "
+                 f"of {validation.unit:.4g}. Reliable: Pearson &ge; {t.reliable_pearson} and no "
+                 f"high-severity flag; caution: Pearson &ge; {t.caution_pearson}.</p>")
+        h.append(f"<h2>Flags ({len(validation.flags)}), by severity</h2>")
+        if validation.flags:
+            h.append("<table><tr><th>component</th><th>kind</th><th>severity</th><th>AtP</th>"
+                     "<th>exact</th><th>cause</th><th>reason</th></tr>")
+            for f in validation.flags[:200]:
+                h.append(f"<tr class='{f.level}'><td><code>{html.escape(f.label)}</code></td>"
+                         f"<td>{f.kind}</td><td>{f.level} ({f.severity:.2f})</td>"
+                         f"<td>{f.atp:+.3g}</td><td>{f.exact:+.3g}</td>"
+                         f"<td>{html.escape(', '.join(f.causes) or '-')}</td>"
+                         f"<td>{html.escape(f.reason)}</td></tr>")
+            h.append("</table>")
+            if len(validation.flags) > 200:
+                h.append(f"<p>... and {len(validation.flags) - 200} more in results.csv.</p>")
+        else:
+            h.append("<p>No component flagged.</p>")
+    budget = summary.get("budget")
+    if budget:
+        h.append("<h2>Budgeted verification</h2><table><tr><th>granularity</th><th>components</th>"
+                 "<th>top K verified</th><th>random verified</th><th>threshold</th>"
+                 "<th>random above</th><th>est. missed</th><th>95% upper</th>"
+                 "<th>max |exact| in random</th></tr>")
+        for g, b in budget.items():
+            h.append(f"<tr><td>{g}</td><td>{b['n_components']}</td><td>{len(b['top'])}</td>"
+                     f"<td>{len(b['random'])}</td><td>{_fmt(b['threshold'])}</td>"
+                     f"<td>{b['random_above']}</td><td>{_fmt(b['missed_estimate'])}</td>"
+                     f"<td>{_fmt(b['missed_upper'])}</td><td>{_fmt(b['max_random_abs'])}</td></tr>")
+        h.append("</table>")
+    h.append("<h2>Figures</h2>")
+    for p in figures:
+        h.append(f"<h3>{html.escape(Path(p).stem.replace('_', ' '))}</h3>{_img(p)}")
+    h.append("<h2>Summary JSON</h2><details><summary>show</summary><pre>"
+             + html.escape(json.dumps({k: v for k, v in summary.items() if k != "flags"},
+                                      indent=1, default=str)[:20000])
+             + "</pre></details></body></html>")
+    path = out_dir / "report.html"
+    path.write_text("\n".join(h))
+    return path
+
+
+def flag_labels(validation: Validation, tokens=None) -> list[str]:
+    """Labels of the flagged components (for printing)."""
+    return [component_label(f.granularity, f.index, tokens) for f in validation.flags]

@@ -1,0 +1,701 @@
+"""Validation: compare AtP with exact patching, flag where the linear estimate is wrong, and say why.
+
+Three pieces:
+
+- :func:`validate` ``(atp, exact, diagnostics=None, thresholds=Thresholds()) -> Validation``:
+  agreement numbers per granularity and per site family (:data:`attrpatch.results.FAMILIES`) and
+  per-component flags (false negative, false positive, sign flip, magnitude error), each with a
+  severity, a reason and, where :func:`diagnose` signals are given, a diagnosed cause.
+- :func:`diagnose` ``(model, task, granularities) -> Diagnostics``: cheap per-component signals
+  (relative size of the patch, attention saturation at the answer row, disagreement of the AtP
+  estimates with gradients taken at the base and at the source run, metric saturation).
+- :func:`verify_budgeted`: AtP on everything, exact patching only on the top K components by
+  |AtP| plus R random others, and from the random sample an estimate of how much AtP missed.
+
+All thresholds live in :class:`Thresholds`. Effects are compared in units of ``|gap|``
+(``PatchResults.gap``: what a patch moving the base run all the way to the source would change);
+when the gap is tiny (``< Thresholds.min_gap``) the largest |exact| effect is the unit instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attrpatch.interventions import Interventions, Patch
+from attrpatch.results import (
+    DIRECTIONS,
+    FAMILIES,
+    GRANULARITIES,
+    PatchResults,
+    Scores,
+    check_granularities,
+)
+from attrpatch.task import MetricReference, resolve_metric
+
+# Axis names of each site after the leading ``layer`` axis (see `attrpatch.sites`), spelled with
+# the granularity axis names (``neuron`` for ``d_mlp``).
+SITE_AXES: dict[str, tuple[str, ...]] = {
+    "hook_resid_pre": ("batch", "pos", "d_model"),
+    "hook_resid_mid": ("batch", "pos", "d_model"),
+    "hook_resid_post": ("batch", "pos", "d_model"),
+    "hook_attn_out": ("batch", "pos", "d_model"),
+    "hook_mlp_out": ("batch", "pos", "d_model"),
+    "attn.hook_q": ("batch", "pos", "head", "d_head"),
+    "attn.hook_k": ("batch", "pos", "head", "d_head"),
+    "attn.hook_v": ("batch", "pos", "head", "d_head"),
+    "attn.hook_z": ("batch", "pos", "head", "d_head"),
+    "attn.hook_pattern": ("batch", "head", "query_pos", "key_pos"),
+    "mlp.hook_post": ("batch", "pos", "neuron"),
+}
+# Granularities whose patch goes through the head's own softmax (the QK saturation failure).
+QK_GRANULARITIES = ("q", "k", "q_by_pos", "k_by_pos")
+FLAG_KINDS = ("false negative", "false positive", "sign flip", "magnitude error")
+CAUSES = ("attention saturation", "metric saturation", "big patch", "nonlinearity along the path")
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """Every threshold validation uses. Effects are in units of ``|gap|`` unless stated.
+
+    Flags (on each component where both methods have a finite number):
+
+    - `large`: an effect at least this share of |gap| is large (default 0.1).
+    - `small`: below this share of |gap| an effect is negligible (default 0.02).
+    - `miss_ratio`: a false negative is a large exact effect where |AtP| < miss_ratio * |exact|
+      (or AtP is negligible); a false positive is a large AtP score where
+      |exact| < miss_ratio * |AtP| (default 0.3).
+    - `sign flip`: both |AtP| and |exact| >= `large`, opposite signs.
+    - `magnitude_ratio`: same sign, |AtP - exact| >= `large`, and the ratio AtP/exact outside
+      [1/magnitude_ratio, magnitude_ratio] (default 2): a magnitude error.
+    - `severity_high`, `severity_medium`: severity is |AtP - exact| / |gap|; at least these
+      are "high" / "medium", else "low" (defaults 0.5, 0.2).
+
+    Causes (from :class:`Diagnostics`):
+
+    - `big_patch`: ||a_source - a_base|| / ||a_base|| over the component (default 0.5).
+    - `attn_saturation`: the head's largest attention probability at the answer row of the base
+      run (batch mean) at least this (default 0.95); applies to q/k components.
+    - `nonlinearity`: |est_source - est_base| / max(|est_base|, |est_source|, small * |gap|),
+      the AtP estimates with gradients at the base and the source run (default 0.5).
+    - `prob_saturation`: the answer probability is within this of 0 or 1 (default 0.02); the
+      metric is saturated when at least `metric_saturation_share` of prompts are (default 0.5).
+
+    Agreement: `top_k` (5, 10) and `top_share` (0.05) give the top-K recalls; the verdict per
+    family is "reliable" with Pearson >= `reliable_pearson` (0.95) and no high-severity flag,
+    "caution" with Pearson >= `caution_pearson` (0.8), else "unreliable".
+
+    `min_gap`: below this |gap| (metric units) the unit is max |exact| instead (default 1e-6).
+    """
+
+    large: float = 0.1
+    small: float = 0.02
+    miss_ratio: float = 0.3
+    magnitude_ratio: float = 2.0
+    severity_high: float = 0.5
+    severity_medium: float = 0.2
+    big_patch: float = 0.5
+    attn_saturation: float = 0.95
+    nonlinearity: float = 0.5
+    prob_saturation: float = 0.02
+    metric_saturation_share: float = 0.5
+    top_k: tuple[int, ...] = (5, 10)
+    top_share: float = 0.05
+    reliable_pearson: float = 0.95
+    caution_pearson: float = 0.8
+    min_gap: float = 1e-6
+
+    def replace(self, **changes) -> Thresholds:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown threshold(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement statistics (numpy only)
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of a 1-D array, ties given their average rank (as `scipy.stats.rankdata`)."""
+    x = np.asarray(x, float)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    ranks = np.empty(len(x), float)
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]
+    ends = np.r_[starts[1:], len(x)]
+    for s, e in zip(starts, ends, strict=True):
+        ranks[order[s:e]] = 0.5 * (s + e - 1) + 1
+    return ranks
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of two 1-D arrays (NaN if either is constant or n < 2)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2:
+        return float("nan")
+    xc, yc = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float((xc * xc).sum()) * float((yc * yc).sum()))
+    return float((xc * yc).sum() / denom) if denom > 0 else float("nan")
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (Pearson of average ranks)."""
+    return pearson(rankdata(x), rankdata(y)) if len(x) >= 2 else float("nan")
+
+
+def top_k_recall(exact: np.ndarray, atp: np.ndarray, k: int) -> float:
+    """Of exact's top `k` components by |effect|, the share that are also in AtP's top `k`."""
+    exact, atp = np.ravel(exact), np.ravel(atp)
+    k = min(k, len(exact))
+    if k == 0:
+        return float("nan")
+    top_exact = set(np.argsort(-np.abs(exact), kind="stable")[:k].tolist())
+    top_atp = set(np.argsort(-np.abs(atp), kind="stable")[:k].tolist())
+    return len(top_exact & top_atp) / k
+
+
+def agreement(atp: np.ndarray, exact: np.ndarray, gap: float,
+              thresholds: Thresholds = Thresholds()) -> dict:
+    """Agreement numbers for paired 1-D arrays of AtP scores and exact effects (finite entries).
+
+    **Returns:** a dict with ``n``, ``pearson``, ``spearman``, ``slope`` and ``intercept`` (least
+    squares of AtP on exact), ``sign_agreement`` (share of components with |exact| >=
+    ``small * unit`` where the signs agree; NaN if none), ``recall@K`` for each K in
+    ``top_k`` and ``recall@5%`` (K = ceil(top_share * n)), ``median_abs_error``,
+    ``max_abs_error`` (metric units) and the same divided by ``|gap|`` (``*_share``), ``unit``.
+    """
+    atp, exact = np.ravel(np.asarray(atp, float)), np.ravel(np.asarray(exact, float))
+    ok = np.isfinite(atp) & np.isfinite(exact)
+    atp, exact = atp[ok], exact[ok]
+    n = len(exact)
+    out: dict = {"n": n}
+    unit = _unit(gap, exact, thresholds)
+    out["unit"] = unit
+    out["pearson"] = pearson(exact, atp)
+    out["spearman"] = spearman(exact, atp)
+    var = float(((exact - exact.mean()) ** 2).sum()) if n else 0.0
+    if n >= 2 and var > 0:
+        slope = float(((exact - exact.mean()) * (atp - atp.mean())).sum() / var)
+        out["slope"], out["intercept"] = slope, float(atp.mean() - slope * exact.mean())
+    else:
+        out["slope"] = out["intercept"] = float("nan")
+    big = np.abs(exact) >= thresholds.small * unit
+    out["sign_agreement"] = (
+        float((np.sign(atp[big]) == np.sign(exact[big])).mean()) if big.any() else float("nan")
+    )
+    for k in thresholds.top_k:
+        out[f"recall@{k}"] = top_k_recall(exact, atp, k)
+    share_k = max(1, math.ceil(thresholds.top_share * n))
+    out[f"recall@{thresholds.top_share:.0%}"] = top_k_recall(exact, atp, share_k) if n else math.nan
+    err = np.abs(atp - exact)
+    out["median_abs_error"] = float(np.median(err)) if n else float("nan")
+    out["max_abs_error"] = float(err.max()) if n else float("nan")
+    gap_abs = abs(gap) if abs(gap) >= thresholds.min_gap else float("nan")
+    out["median_abs_error_share"] = out["median_abs_error"] / gap_abs
+    out["max_abs_error_share"] = out["max_abs_error"] / gap_abs
+    return out
+
+
+def _unit(gap: float, exact: np.ndarray, thresholds: Thresholds) -> float:
+    if abs(gap) >= thresholds.min_gap:
+        return abs(gap)
+    finite = np.abs(exact[np.isfinite(exact)])
+    return float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics
+
+
+@dataclasses.dataclass
+class Diagnostics:
+    """Cheap per-component signals behind AtP's failures, each ``[*granularity axes]``.
+
+    - `big_patch[g]`: ||a_source - a_base|| / ||a_base|| over the component (batch included).
+    - `attn_saturation[g]` (q/k granularities only): the head's largest attention probability at
+      the answer row (for ``*_by_pos``: at that query position) of the base run, batch mean.
+    - `estimate_base[g]`, `estimate_source[g]`: AtP estimates with the gradient taken at the base
+      run (= AtP) and at the source run; `nonlinearity[g]` their relative disagreement.
+    - `answer_prob_base`, `answer_prob_source`: ``[batch]`` probability of the first correct
+      answer; `metric_saturation` the share of prompts where the metric is saturated.
+    """
+
+    direction: str
+    metric: str
+    gap: float
+    big_patch: dict[str, np.ndarray]
+    attn_saturation: dict[str, np.ndarray]
+    estimate_base: dict[str, np.ndarray]
+    estimate_source: dict[str, np.ndarray]
+    nonlinearity: dict[str, np.ndarray]
+    answer_prob_base: np.ndarray
+    answer_prob_source: np.ndarray
+    metric_saturation: float
+    metric_saturation_reason: str = ""
+
+    SIGNALS = ("big_patch", "attn_saturation", "estimate_base", "estimate_source", "nonlinearity")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Flat ``{"<signal>/<granularity>": array}`` for `np.savez` (see `from_arrays`)."""
+        out = {f"{s}/{g}": v for s in self.SIGNALS for g, v in getattr(self, s).items()}
+        out["answer_prob_base"] = self.answer_prob_base
+        out["answer_prob_source"] = self.answer_prob_source
+        return out
+
+    def meta(self) -> dict:
+        return {"direction": self.direction, "metric": self.metric, "gap": self.gap,
+                "metric_saturation": self.metric_saturation,
+                "metric_saturation_reason": self.metric_saturation_reason}
+
+    @classmethod
+    def from_arrays(cls, arrays, meta: dict) -> Diagnostics:
+        signals = {s: {} for s in cls.SIGNALS}
+        for key in arrays:
+            if "/" in key:
+                s, g = key.split("/", 1)
+                signals[s][g] = np.asarray(arrays[key])
+        return cls(**meta, **signals, answer_prob_base=np.asarray(arrays["answer_prob_base"]),
+                   answer_prob_source=np.asarray(arrays["answer_prob_source"]))
+
+
+def _reduce(x: np.ndarray, key: str, granularity: str, op: str = "sum") -> np.ndarray:
+    """``[layer, *site axes]`` -> ``[*granularity axes]``, summing (or `op`) the other axes."""
+    axes = ("layer",) + SITE_AXES[key]
+    keep = GRANULARITIES[granularity][1]
+    drop = tuple(i for i, a in enumerate(axes) if a not in keep)
+    x = getattr(np, op)(x, axis=drop)
+    kept = [a for a in axes if a in keep]
+    return np.transpose(x, [kept.index(a) for a in keep])
+
+
+def _runs(task, direction):
+    if direction == "denoise":
+        return task.corrupt_tokens, task.clean_tokens
+    return task.clean_tokens, task.corrupt_tokens
+
+
+def diagnose(model, task, granularities: Sequence[str], direction: str = "denoise",
+             metric=None, thresholds: Thresholds = Thresholds()) -> Diagnostics:
+    """Signals that explain AtP failures, from two forwards and two backwards.
+
+    **Arguments:** as :func:`attrpatch.attribute` (`model`, `task`, `granularities`,
+    `direction`, `metric`); `thresholds` for the metric-saturation test.
+
+    **Returns:** :class:`Diagnostics`.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    granularities = check_granularities(granularities, model.config.attn_only)
+    task.check_for(model)
+    metric_name, metric_fn = resolve_metric(metric, task)
+    keys = tuple(sorted({GRANULARITIES[g][0] for g in granularities} | {"attn.hook_pattern"}))
+    mask, positions = task.attention_mask, task.answer_positions
+    base_tokens, source_tokens = _runs(task, direction)
+
+    clean_logits, clean_cache = model.run(task.clean_tokens, mask, cache_keys=keys,
+                                          logit_positions=positions)
+    corrupt_logits, corrupt_cache = model.run(task.corrupt_tokens, mask, cache_keys=keys,
+                                              logit_positions=positions)
+    reference = MetricReference(clean_logits, corrupt_logits)
+    caches = {"clean": clean_cache, "corrupt": corrupt_cache}
+    base_name, source_name = ("corrupt", "clean") if direction == "denoise" else ("clean", "corrupt")
+    base_cache, source_cache = caches[base_name], caches[source_name]
+    grad_keys = tuple(k for k in keys if any(GRANULARITIES[g][0] == k for g in granularities))
+
+    def metric_of(deltas, tokens):
+        logits, _ = model.run(tokens, mask, Interventions(delta=deltas), logit_positions=positions)
+        return metric_fn(logits, task, reference).mean()
+
+    zeros = {k: jnp.zeros(base_cache[k].shape, jnp.float32) for k in grad_keys}
+    grad_fn = jax.jit(jax.grad(metric_of))
+    g_base = jax.device_get(grad_fn(zeros, base_tokens))
+    g_source = jax.device_get(grad_fn(zeros, source_tokens))
+    base_np = {k: np.asarray(v, np.float64) for k, v in jax.device_get(base_cache).items()}
+    source_np = {k: np.asarray(v, np.float64) for k, v in jax.device_get(source_cache).items()}
+    base_logits, source_logits = (
+        (corrupt_logits, clean_logits) if direction == "denoise" else (clean_logits, corrupt_logits)
+    )
+    base_metric = float(metric_fn(base_logits, task, reference).mean())
+    gap = float(metric_fn(source_logits, task, reference).mean()) - base_metric
+    floor_unit = abs(gap) if abs(gap) >= thresholds.min_gap else 1.0
+
+    big, sat, est_b, est_s, nonlin = {}, {}, {}, {}, {}
+    pattern = base_np["attn.hook_pattern"]  # [layer, batch, head, query, key]
+    pos = np.asarray(positions)
+    answer_row = pattern[:, np.arange(len(pos)), :, pos, :]  # [batch, layer, head, key]
+    answer_row_max = answer_row.max(-1).mean(0)  # [layer, head]
+    for g in granularities:
+        key = GRANULARITIES[g][0]
+        diff = source_np[key] - base_np[key]
+        num = np.sqrt(_reduce(diff**2, key, g))
+        den = np.sqrt(_reduce(base_np[key] ** 2, key, g))
+        big[g] = np.where(den > 0, num / np.maximum(den, 1e-30), np.where(num > 0, np.inf, 0.0))
+        est_b[g] = _reduce(diff * np.asarray(g_base[key], np.float64), key, g)
+        est_s[g] = _reduce(diff * np.asarray(g_source[key], np.float64), key, g)
+        scale = np.maximum(np.maximum(np.abs(est_b[g]), np.abs(est_s[g])),
+                           thresholds.small * floor_unit)
+        nonlin[g] = np.abs(est_s[g] - est_b[g]) / scale
+        if g in ("q", "k"):
+            sat[g] = answer_row_max
+        elif g in ("q_by_pos", "k_by_pos"):
+            sat[g] = np.transpose(pattern.max(-1).mean(1), (0, 2, 1))  # [layer, pos, head]
+
+    def answer_prob(logits):
+        lp = jax.nn.log_softmax(logits)
+        return np.exp(np.asarray(jnp.take_along_axis(lp, task.correct_tokens[:, :1], -1)[:, 0]))
+
+    p_clean, p_corrupt = answer_prob(clean_logits), answer_prob(corrupt_logits)
+    p_base, p_source = (p_corrupt, p_clean) if direction == "denoise" else (p_clean, p_corrupt)
+    eps = thresholds.prob_saturation
+    if metric_name == "prob":
+        saturated = (np.minimum(p_base, 1 - p_base) < eps) & (np.minimum(p_source, 1 - p_source) < eps)
+        reason = f"answer probability within {eps} of 0 or 1 in both runs (prob is flat there)"
+    elif metric_name == "logprob":
+        saturated = (p_base > 1 - eps) & (p_source > 1 - eps)
+        reason = f"answer probability above {1 - eps} in both runs (log-prob is flat there)"
+    elif metric_name == "kl" and base_name == "clean":
+        saturated = np.ones(len(p_base), bool)
+        reason = "KL from clean is at its minimum on the clean base run: its gradient is zero"
+    else:
+        saturated, reason = np.zeros(len(p_base), bool), ""
+    return Diagnostics(
+        direction=direction, metric=metric_name, gap=gap, big_patch=big, attn_saturation=sat,
+        estimate_base=est_b, estimate_source=est_s, nonlinearity=nonlin,
+        answer_prob_base=p_base, answer_prob_source=p_source,
+        metric_saturation=float(saturated.mean()), metric_saturation_reason=reason,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags and validation
+
+
+def component_label(granularity: str, index: Sequence[int], tokens: Sequence[str] | None = None) -> str:
+    """Short name of one component, e.g. ``L1H3``, ``L0 p5 'Mary'``, ``L2 N17``."""
+    parts = dict(zip(GRANULARITIES[granularity][1], index, strict=True))
+    out = f"L{parts['layer']}"
+    if "head" in parts:
+        out += f"H{parts['head']}"
+    if "neuron" in parts:
+        out += f" N{parts['neuron']}"
+    for axis, short in (("pos", "p"), ("query_pos", "q"), ("key_pos", "k")):
+        if axis in parts:
+            p = parts[axis]
+            tok = f" {tokens[p]!r}" if tokens is not None and p < len(tokens) else ""
+            out += f" {short}{p}{tok}"
+    return f"{granularity}:{out}"
+
+
+@dataclasses.dataclass
+class Flag:
+    """One component where AtP and exact patching disagree."""
+
+    granularity: str
+    index: tuple[int, ...]
+    kind: str
+    severity: float  # |AtP - exact| / unit
+    level: str  # "high" | "medium" | "low"
+    atp: float
+    exact: float
+    causes: list[str]
+    reason: str
+    label: str = ""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"index": list(self.index)}
+
+
+def _classify(a: float, e: float, t: Thresholds) -> str | None:
+    """Flag kind for one (AtP, exact) pair in units of |gap|, or None."""
+    if abs(a) >= t.large and abs(e) >= t.large and np.sign(a) != np.sign(e):
+        return "sign flip"
+    if abs(e) >= t.large and (abs(a) < t.small or abs(a) < t.miss_ratio * abs(e)):
+        return "false negative"
+    if abs(a) >= t.large and (abs(e) < t.small or abs(e) < t.miss_ratio * abs(a)):
+        return "false positive"
+    if abs(a - e) >= t.large and np.sign(a) == np.sign(e) and e != 0:
+        ratio = a / e
+        if ratio > t.magnitude_ratio or ratio < 1 / t.magnitude_ratio:
+            return "magnitude error"
+    return None
+
+
+def _causes(g: str, idx: tuple, diag: Diagnostics | None, t: Thresholds) -> tuple[list[str], list[str]]:
+    """Diagnosed causes (in `CAUSES` order) and their one-line explanations."""
+    if diag is None:
+        return [], []
+    causes, notes = [], []
+    if g in diag.attn_saturation and diag.attn_saturation[g][idx] >= t.attn_saturation:
+        causes.append("attention saturation")
+        notes.append(f"the head's attention is near one-hot (max prob "
+                     f"{diag.attn_saturation[g][idx]:.3f}) where the gradient is taken")
+    if diag.metric_saturation >= t.metric_saturation_share:
+        causes.append("metric saturation")
+        notes.append(f"metric saturated on {diag.metric_saturation:.0%} of prompts: "
+                     f"{diag.metric_saturation_reason}")
+    if g in diag.big_patch and diag.big_patch[g][idx] >= t.big_patch:
+        causes.append("big patch")
+        notes.append(f"the patch changes the activation by {diag.big_patch[g][idx]:.2f}x its norm")
+    if g in diag.nonlinearity and diag.nonlinearity[g][idx] >= t.nonlinearity:
+        causes.append("nonlinearity along the path")
+        notes.append(f"gradients at the base and source runs disagree (estimates "
+                     f"{diag.estimate_base[g][idx]:+.3g} vs {diag.estimate_source[g][idx]:+.3g})")
+    return causes, notes
+
+
+@dataclasses.dataclass
+class Validation:
+    """What :func:`validate` found.
+
+    - `by_granularity[g]`, `by_family[family]`: :func:`agreement` dicts (families pool their
+      granularities' components); `verdicts[family]`: "reliable" | "caution" | "unreliable".
+    - `flags`: sorted by severity, highest first. `flag_grids[g]`: ``[*axes]`` strings
+      ("" where unflagged).
+    """
+
+    gap: float
+    unit: float
+    thresholds: Thresholds
+    by_granularity: dict[str, dict]
+    by_family: dict[str, dict]
+    verdicts: dict[str, str]
+    flags: list[Flag]
+    flag_grids: dict[str, np.ndarray]
+
+    def to_json(self) -> dict:
+        return {
+            "gap": self.gap, "unit": self.unit,
+            "thresholds": dataclasses.asdict(self.thresholds),
+            "by_granularity": self.by_granularity, "by_family": self.by_family,
+            "verdicts": self.verdicts, "flags": [f.to_json() for f in self.flags],
+        }
+
+
+def family_of(granularity: str) -> str:
+    return next(f for f, gs in FAMILIES.items() if granularity in gs)
+
+
+def validate(atp: PatchResults, exact: PatchResults, diagnostics: Diagnostics | None = None,
+             thresholds: Thresholds = Thresholds(), tokens: Sequence[str] | None = None) -> Validation:
+    """Compare AtP scores with exact effects on every granularity both have.
+
+    **Arguments:**
+
+    - `atp`, `exact`: :class:`attrpatch.PatchResults` (``method`` "atp" / "exact"); exact
+      may be NaN where it was not computed (budgeted verification): those are skipped.
+    - `diagnostics`: optional :class:`Diagnostics` (from :func:`diagnose`) for causes.
+    - `thresholds`: :class:`Thresholds`.
+    - `tokens`: optional token strings ``[pos]`` for the component labels.
+
+    **Returns:** :class:`Validation`.
+    """
+    if atp.direction != exact.direction:
+        raise ValueError(f"AtP is {atp.direction} but exact is {exact.direction}")
+    if atp.metric != exact.metric:
+        raise ValueError(f"AtP used metric {atp.metric!r} but exact used {exact.metric!r}")
+    common = [g for g in GRANULARITIES if g in atp.scores and g in exact.scores]
+    if not common:
+        raise ValueError(
+            f"no granularity in common: AtP has {sorted(atp.scores)}, exact {sorted(exact.scores)}"
+        )
+    gap = exact.gap
+    all_exact = np.concatenate([np.ravel(exact[g]) for g in common])
+    unit = _unit(gap, all_exact, thresholds)
+    t = thresholds
+    by_g, flags, grids = {}, [], {}
+    for g in common:
+        a, e = np.asarray(atp[g], float), np.asarray(exact[g], float)
+        if a.shape != e.shape:
+            raise ValueError(f"{g}: AtP shape {a.shape} differs from exact shape {e.shape}")
+        by_g[g] = agreement(a, e, gap, t)
+        grid = np.full(a.shape, "", dtype=object)
+        for idx in zip(*np.nonzero(np.isfinite(a) & np.isfinite(e)), strict=True):
+            idx = tuple(int(i) for i in idx)
+            ra, re_ = a[idx] / unit, e[idx] / unit
+            kind = _classify(ra, re_, t)
+            if kind is None:
+                continue
+            sev = abs(ra - re_)
+            level = "high" if sev >= t.severity_high else "medium" if sev >= t.severity_medium else "low"
+            causes, notes = _causes(g, idx, diagnostics, t)
+            reason = (f"{kind}: exact {e[idx]:+.3g} ({re_:+.0%} of |gap|), AtP {a[idx]:+.3g} "
+                      f"({ra:+.0%})")
+            reason += "; " + "; ".join(notes) if notes else (
+                "; no diagnosed cause" if diagnostics is not None else "")
+            flags.append(Flag(g, idx, kind, float(sev), level, float(a[idx]), float(e[idx]),
+                              causes, reason, component_label(g, idx, tokens)))
+            grid[idx] = kind
+        grids[g] = grid
+    flags.sort(key=lambda f: -f.severity)
+    by_family, verdicts = {}, {}
+    for fam, gs in FAMILIES.items():
+        gs = [g for g in gs if g in common]
+        if not gs:
+            continue
+        a = np.concatenate([np.ravel(atp[g]) for g in gs])
+        e = np.concatenate([np.ravel(exact[g]) for g in gs])
+        stats = agreement(a, e, gap, t)
+        fam_flags = [f for f in flags if f.granularity in gs]
+        stats["n_flags"] = len(fam_flags)
+        stats["n_high"] = sum(f.level == "high" for f in fam_flags)
+        by_family[fam] = stats
+        r = stats["pearson"]
+        if stats["n"] and not np.isfinite(r):  # constant: agree only if both are ~equal
+            ok = stats["max_abs_error"] <= t.small * unit
+            verdicts[fam] = "reliable" if ok and not fam_flags else "caution"
+        elif r >= t.reliable_pearson and stats["n_high"] == 0:
+            verdicts[fam] = "reliable"
+        elif r >= t.caution_pearson:
+            verdicts[fam] = "caution"
+        else:
+            verdicts[fam] = "unreliable"
+    return Validation(gap, unit, t, by_g, by_family, verdicts, flags, grids)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact patching of chosen components (naive: one forward per component) and budgeted verification
+
+
+def exact_components(model, task, granularity: str, indices: Sequence[Sequence[int]],
+                     direction: str = "denoise", metric=None) -> tuple[np.ndarray, float, float]:
+    """Exact effects of patching the listed components of one granularity, one forward each.
+
+    **Arguments:** `indices`: ``[n, len(axes)]`` component indices; the rest as
+    :func:`attrpatch.attribute`.
+
+    **Returns:** ``(effects [n], base_metric, source_metric)`` (batch means, metric units).
+    """
+    (granularity,) = check_granularities([granularity], model.config.attn_only)
+    task.check_for(model)
+    _, metric_fn = resolve_metric(metric, task)
+    key, gaxes = GRANULARITIES[granularity]
+    mask, positions = task.attention_mask, task.answer_positions
+    base_tokens, source_tokens = _runs(task, direction)
+    clean_logits, clean_cache = model.run(task.clean_tokens, mask, cache_keys=(key,),
+                                          logit_positions=positions)
+    corrupt_logits, _ = model.run(task.corrupt_tokens, mask, logit_positions=positions)
+    if direction == "denoise":
+        source_cache = clean_cache
+        base_logits, source_logits = corrupt_logits, clean_logits
+    else:
+        source_cache = model.run(task.corrupt_tokens, mask, cache_keys=(key,),
+                                 logit_positions=positions)[1]
+        base_logits, source_logits = clean_logits, corrupt_logits
+    reference = MetricReference(clean_logits, corrupt_logits)
+    source = source_cache[key]
+    axes = ("layer",) + SITE_AXES[key]
+    shape = tuple(source.shape[i] if a in gaxes else 1 for i, a in enumerate(axes))
+    where = [axes.index(a) for a in gaxes]
+
+    @jax.jit
+    def one(m):
+        iv = Interventions(patch={key: Patch(m, source)})
+        logits, _ = model.run(base_tokens, mask, iv, logit_positions=positions)
+        return metric_fn(logits, task, reference).mean()
+
+    base_metric = float(metric_fn(base_logits, task, reference).mean())
+    source_metric = float(metric_fn(source_logits, task, reference).mean())
+    effects = []
+    for index in indices:
+        m = np.zeros(shape, bool)
+        full = [0] * len(axes)
+        for w, i in zip(where, index, strict=True):
+            full[w] = int(i)
+        m[tuple(full)] = True
+        effects.append(float(one(jnp.asarray(m))) - base_metric)
+    return np.asarray(effects), base_metric, source_metric
+
+
+def _wilson_upper(k: int, n: int, z: float = 1.96) -> float:
+    """Upper end of the Wilson score interval for a proportion k/n (95% by default)."""
+    if n == 0:
+        return 1.0
+    p = k / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return min(1.0, (centre + spread) / (1 + z * z / n))
+
+
+@dataclasses.dataclass
+class BudgetReport:
+    """Budgeted verification of one granularity.
+
+    `top` / `random`: ``[n, len(axes)]`` indices verified; `n_rest` components outside AtP's top K;
+    among the R random ones, `random_above` had |exact| >= `threshold` (metric units);
+    `missed_estimate` = random_above / R * n_rest estimates how many large effects AtP's top K
+    missed, `missed_upper` its 95% (Wilson) upper bound; `max_random_abs` the largest |exact|
+    seen in the random sample.
+    """
+
+    granularity: str
+    n_components: int
+    top: np.ndarray
+    random: np.ndarray
+    n_rest: int
+    threshold: float
+    random_above: int
+    missed_estimate: float
+    missed_upper: float
+    max_random_abs: float
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"top": self.top.tolist(), "random": self.random.tolist()}
+
+
+def budget_sample(atp_values: np.ndarray, k: int, r: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the top `k` components by |AtP| and `r` random others (``[n, ndim]`` each)."""
+    flat = np.abs(np.ravel(np.nan_to_num(atp_values, nan=0.0)))
+    order = np.argsort(-flat, kind="stable")
+    top, rest = order[: min(k, len(flat))], order[min(k, len(flat)):]
+    rng = np.random.default_rng(seed)
+    rand = rng.choice(rest, size=min(r, len(rest)), replace=False) if len(rest) else rest
+    as_idx = lambda flat_idx: np.stack(np.unravel_index(np.sort(flat_idx), atp_values.shape), -1)
+    return as_idx(top), as_idx(rand)
+
+
+def budget_report(granularity: str, atp_values: np.ndarray, exact_values: np.ndarray,
+                  top: np.ndarray, rand: np.ndarray, threshold: float) -> BudgetReport:
+    """Summarise a budgeted verification given exact effects at (at least) `top` and `rand`."""
+    n = int(np.size(atp_values))
+    n_rest = n - len(top)
+    vals = np.abs(np.asarray([exact_values[tuple(i)] for i in rand], float))
+    above = int((vals >= threshold).sum())
+    r = len(rand)
+    est = above / r * n_rest if r else float("nan")
+    upper = _wilson_upper(above, r) * n_rest if r else float(n_rest)
+    return BudgetReport(granularity, n, np.asarray(top), np.asarray(rand), n_rest, float(threshold),
+                        above, float(est), float(upper), float(vals.max()) if r else float("nan"))
+
+
+def verify_budgeted(model, task, atp: PatchResults, top_k: int = 10, n_random: int = 10,
+                    seed: int = 0, thresholds: Thresholds = Thresholds(),
+                    granularities: Sequence[str] | None = None,
+                    ) -> tuple[PatchResults, dict[str, BudgetReport]]:
+    """Exact patching of AtP's top `top_k` components plus `n_random` random others.
+
+    **Returns:** ``(exact, reports)``: a ``method="exact"`` :class:`attrpatch.PatchResults`,
+    NaN except at the verified components, and a :class:`BudgetReport` per granularity. A large
+    effect is one with |exact| >= ``thresholds.large * |gap|``.
+    """
+    granularities = list(granularities or atp.scores)
+    scores, reports = {}, {}
+    base = source = None
+    for g in granularities:
+        a = np.asarray(atp[g])
+        top, rand = budget_sample(a, top_k, n_random, seed)
+        idx = np.concatenate([top, rand]) if len(rand) else top
+        eff, base, source = exact_components(model, task, g, idx, atp.direction, atp.metric)
+        values = np.full(a.shape, np.nan)
+        for i, v in zip(idx, eff, strict=True):
+            values[tuple(i)] = v
+        scores[g] = Scores(g, values)
+        threshold = thresholds.large * max(abs(source - base), thresholds.min_gap)
+        reports[g] = budget_report(g, a, values, top, rand, threshold)
+    exact = PatchResults("exact", atp.direction, atp.metric, base, source, scores)
+    return exact, reports
