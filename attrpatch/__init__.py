@@ -7,6 +7,8 @@ from attrpatch.model import Model
 from attrpatch.results import GRANULARITIES, PatchResults, Scores
 from attrpatch.sites import all_site_names, parse_site_name
 from attrpatch.task import METRICS, MetricReference, Task
+from attrpatch.tasks import task_for_model
+from attrpatch.tokenizer import load_tokenizer
 
 __all__ = [
     "GPT2Config",
@@ -21,7 +23,9 @@ __all__ = [
     "Task",
     "all_site_names",
     "load_model",
+    "load_tokenizer",
     "parse_site_name",
     "save_model",
+    "task_for_model",
 ]
 __version__ = "0.1.0"
