@@ -1,0 +1,270 @@
+"""Validation: agreement numbers on hand-computable arrays, flags, planted failures, budgets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from attrpatch.model import Model
+from attrpatch.results import PatchResults, Scores
+from attrpatch.task import Task
+from attrpatch.validation import (
+    Diagnostics,
+    Thresholds,
+    agreement,
+    budget_report,
+    budget_sample,
+    diagnose,
+    pearson,
+    rankdata,
+    spearman,
+    top_k_recall,
+    validate,
+    verify_budgeted,
+)
+
+
+def results(method, values: dict, base=0.0, source=2.0):
+    return PatchResults(method, "denoise", "logit_diff", base, source,
+                        {g: Scores(g, np.asarray(v, float)) for g, v in values.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics on synthetic arrays
+
+
+def test_rankdata_average_ties():
+    np.testing.assert_array_equal(rankdata([10, 20, 20, 5]), [2, 3.5, 3.5, 1])
+
+
+def test_pearson_spearman_hand_values():
+    x = np.array([1.0, 2.0, 3.0, 4.0])
+    assert pearson(x, 2 * x + 1) == pytest.approx(1.0)
+    assert pearson(x, -x) == pytest.approx(-1.0)
+    # x = [1,2,3], y = [1,3,2]: cov = 0.5 * 2 / 2 ... r = 0.5 by hand
+    assert pearson([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
+    # monotone but nonlinear: Spearman 1, Pearson < 1
+    assert spearman(x, x**3) == pytest.approx(1.0)
+    assert pearson(x, x**3) < 0.99
+    assert np.isnan(pearson([1, 1, 1], [1, 2, 3]))
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=50), rng.normal(size=50)
+    assert pearson(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1])
+
+
+def test_top_k_recall_hand_values():
+    exact = np.array([5.0, -4.0, 3.0, 0.1, 0.2])
+    atp = np.array([5.0, 0.0, 3.0, 4.0, 0.2])
+    # exact top 2 = {0, 1}; atp top 2 = {0, 3} -> 1/2
+    assert top_k_recall(exact, atp, 2) == 0.5
+    # top 3: exact {0,1,2}, atp {0,3,2} -> 2/3
+    assert top_k_recall(exact, atp, 3) == pytest.approx(2 / 3)
+    assert top_k_recall(exact, atp, 5) == 1.0
+
+
+def test_agreement_numbers():
+    exact = np.array([1.0, 2.0, 3.0, -1.0, 0.0])
+    atp = np.array([1.5, 2.5, 3.5, -0.5, 0.5])  # exact + 0.5: slope 1, intercept 0.5
+    s = agreement(atp, exact, gap=-4.0)
+    assert s["n"] == 5
+    assert s["pearson"] == pytest.approx(1.0)
+    assert s["slope"] == pytest.approx(1.0)
+    assert s["intercept"] == pytest.approx(0.5)
+    assert s["median_abs_error"] == pytest.approx(0.5)
+    assert s["max_abs_error"] == pytest.approx(0.5)
+    assert s["median_abs_error_share"] == pytest.approx(0.5 / 4)
+    # sign agreement over |exact| >= 0.02 * 4: four components, all same sign
+    assert s["sign_agreement"] == 1.0
+    atp2 = np.array([1.0, 2.0, -3.0, 1.0, 0.0])
+    assert agreement(atp2, exact, 4.0)["sign_agreement"] == 0.5
+    # NaNs (components not computed) are dropped
+    s3 = agreement(np.r_[atp, 9.0], np.r_[exact, np.nan], 4.0)
+    assert s3["n"] == 5 and s3["max_abs_error"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags on synthetic results (gap = 2, so large = 0.2, small = 0.04 in metric units)
+
+
+def test_flag_kinds_and_order():
+    exact = np.array([[1.0, 0.0, 0.5, 0.4], [0.6, 0.7, 0.01, -0.5]])
+    atp = np.array([[0.01, 0.0, 0.5, 1.2], [-0.6, 0.7, 0.9, -0.5]])
+    v = validate(results("atp", {"z": atp}), results("exact", {"z": exact}))
+    kinds = {f.index: f.kind for f in v.flags}
+    assert kinds == {(0, 0): "false negative", (0, 3): "magnitude error",
+                     (1, 0): "sign flip", (1, 2): "false positive"}
+    sev = [f.severity for f in v.flags]
+    assert sev == sorted(sev, reverse=True)
+    assert v.flags[0].index == (1, 0) and v.flags[0].level == "high"  # |-0.6 - 0.6| / 2 = 0.6
+    assert v.flags[0].severity == pytest.approx(0.6)
+    assert v.flag_grids["z"][0, 0] == "false negative" and v.flag_grids["z"][0, 2] == ""
+    assert v.verdicts["heads"] == "unreliable"
+
+
+def test_agreeing_components_not_flagged_and_thresholds_override():
+    rng = np.random.default_rng(1)
+    exact = rng.normal(size=(3, 4))
+    v = validate(results("atp", {"z": exact.copy()}), results("exact", {"z": exact}))
+    assert v.flags == [] and v.verdicts["heads"] == "reliable"
+    atp = exact.copy()
+    atp[0, 0] = exact[0, 0] + 0.5  # |err| = 0.25 of gap: flagged by default
+    v = validate(results("atp", {"z": atp}), results("exact", {"z": exact}))
+    assert [f.index for f in v.flags] == [(0, 0)]
+    loose = Thresholds().replace(large=0.5)
+    assert validate(results("atp", {"z": atp}), results("exact", {"z": exact}), thresholds=loose).flags == []
+    with pytest.raises(ValueError, match="unknown threshold"):
+        Thresholds().replace(not_a_threshold=1)
+
+
+def test_families_pool_granularities_and_mismatch_errors():
+    a = {"resid_pre": np.ones((2, 3)), "resid_post": np.ones((2, 3)), "z": np.zeros((2, 2))}
+    v = validate(results("atp", a), results("exact", a))
+    assert v.by_family["residual stream"]["n"] == 12
+    assert set(v.by_family) == {"residual stream", "heads"}
+    with pytest.raises(ValueError, match="no granularity in common"):
+        validate(results("atp", {"z": np.ones((2, 2))}), results("exact", {"k": np.ones((2, 2))}))
+    with pytest.raises(ValueError, match="shape"):
+        validate(results("atp", {"z": np.ones((2, 2))}), results("exact", {"z": np.ones((2, 3))}))
+
+
+def test_budget_report_estimate():
+    atp = np.arange(100.0).reshape(10, 10)
+    top, rand = budget_sample(atp, 10, 9, seed=3)
+    assert {tuple(i) for i in top} == {(9, j) for j in range(10)}  # the 10 largest |AtP|
+    assert len(rand) == 9 and not {tuple(i) for i in rand} & {tuple(i) for i in top}
+    exact = np.zeros((10, 10))
+    for i in rand[:3]:
+        exact[tuple(i)] = 1.0
+    r = budget_report("z", atp, exact, top, rand, threshold=0.5)
+    assert r.random_above == 3 and r.n_rest == 90
+    assert r.missed_estimate == pytest.approx(3 / 9 * 90)
+    assert r.missed_estimate < r.missed_upper <= 90
+    assert r.max_random_abs == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Real models: planted saturation, linear paths, budgeted verification
+
+
+def _with_blocks(model: Model, fn, **config_changes) -> Model:
+    params = jax.tree.map(lambda x: x, model.params)
+    params["blocks"] = fn(dict(params["blocks"]))
+    return Model(dataclasses.replace(model.config, **config_changes), params)
+
+
+def _task(model, seed=0, batch=4, n_pos=8, diff_pos=3):
+    """Random prompts differing at one position; answers where clean and corrupt differ most."""
+    rng = np.random.default_rng(seed)
+    clean = rng.integers(1, model.config.d_vocab, (batch, n_pos))
+    corrupt = clean.copy()
+    corrupt[:, diff_pos] = rng.integers(1, model.config.d_vocab, batch)
+    d = np.asarray(model(clean))[:, -1] - np.asarray(model(corrupt))[:, -1]
+    return Task(clean, corrupt, d.argmax(1), d.argmin(1))
+
+
+def _saturate(model, layer, head, qk_scale=6.0, out_scale=4.0):
+    def fn(b):
+        for k in ("W_Q", "W_K"):
+            b[k] = b[k].at[layer, :, head].multiply(qk_scale)
+        for k in ("b_Q", "b_K"):
+            b[k] = b[k].at[layer, head].multiply(qk_scale)
+        b["W_O"] = b["W_O"].at[layer, head].multiply(out_scale)
+        return b
+
+    return _with_blocks(model, fn)
+
+
+def test_planted_attention_saturation_is_flagged_with_cause(tiny_model):
+    from attrpatch.attribution import attribute
+    from attrpatch.patching import patch
+
+    layer, head = 1, 2
+    model = _saturate(tiny_model[0], layer, head)
+    task = _task(model)
+    grans = ("q", "k")
+    atp = attribute(model, task, granularities=grans)
+    exact = patch(model, task, granularities=grans, progress=False)
+    diag = diagnose(model, task, grans)
+    sat = diag.attn_saturation["k"][layer]
+    assert sat[head] >= 0.95 and np.all(np.delete(sat, head) < 0.95)
+    v = validate(atp, exact, diag)
+    planted = [f for f in v.flags if f.index == (layer, head)]
+    assert planted, "the saturated head's q/k patch should be flagged"
+    for f in planted:
+        assert f.kind == "false negative"
+        assert f.causes[0] == "attention saturation"
+        assert "near one-hot" in f.reason
+    # no other component gets the saturation cause
+    assert all(f.index == (layer, head) for f in v.flags if "attention saturation" in f.causes)
+    # the unplanted model: that head agrees
+    base = tiny_model[0]
+    task0 = _task(base)
+    v0 = validate(attribute(base, task0, granularities=grans),
+                  patch(base, task0, granularities=grans, progress=False), diagnose(base, task0, grans))
+    assert not [f for f in v0.flags if f.index == (layer, head)]
+
+
+def test_linear_path_not_flagged(tiny_model):
+    """With LayerNorm made linear (huge eps, weights rescaled) and the last MLP's input cut,
+    every last-layer site feeds the logit difference linearly: AtP is exact there and validation
+    must not flag it (earlier layers stay nonlinear through attention and GELU)."""
+    from attrpatch.attribution import attribute
+    from attrpatch.patching import patch
+
+    base = tiny_model[0]
+    eps = 1e8
+
+    def fn(b):
+        for k in ("ln1_w", "ln2_w"):
+            b[k] = b[k] * np.sqrt(eps)
+        b["W_in"] = b["W_in"].at[-1].set(0.0)
+        return b
+
+    model = _with_blocks(base, fn, layer_norm_eps=eps)
+    model = Model(model.config, dict(model.params, ln_f_w=model.params["ln_f_w"] * np.sqrt(eps)))
+    task = _task(model)
+    grans = ("z", "attn_out", "resid_post")
+    atp = attribute(model, task, granularities=grans)
+    exact = patch(model, task, granularities=grans, progress=False)
+    diag = diagnose(model, task, grans)
+    v = validate(atp, exact, diag)
+    last = model.config.n_layers - 1
+    for g in grans:
+        np.testing.assert_allclose(atp[g][last], exact[g][last], atol=1e-4 * abs(exact.gap) + 1e-6)
+        assert np.all(diag.nonlinearity[g][last] < 0.05)
+        assert np.abs(exact[g][last]).max() > 0.01 * abs(exact.gap)  # not trivially zero
+    assert not [f for f in v.flags if f.index[0] == last]
+
+
+def test_budgeted_verification_matches_full_exact(tiny_model):
+    from attrpatch.attribution import attribute
+    from attrpatch.patching import patch
+
+    model = tiny_model[0]
+    task = _task(model, seed=2)
+    atp = attribute(model, task, granularities=("z", "resid_pre"))
+    exact_b, reports = verify_budgeted(model, task, atp, top_k=3, n_random=2, seed=0)
+    full = patch(model, task, granularities=("z", "resid_pre"), progress=False)
+    for g in ("z", "resid_pre"):
+        done = np.isfinite(exact_b[g])
+        assert done.sum() == 5
+        np.testing.assert_allclose(exact_b[g][done], full[g][done], atol=1e-4)
+        top = {tuple(i) for i in reports[g].top}
+        assert top == {tuple(i) for i in np.argwhere(done)} - {tuple(i) for i in reports[g].random}
+    assert exact_b.base_metric == pytest.approx(full.base_metric, abs=1e-5)
+    v = validate(atp, exact_b)
+    assert v.by_granularity["z"]["n"] == 5
+
+
+def test_diagnostics_roundtrip_and_metric_saturation(tiny_model):
+    model = tiny_model[0]
+    task = _task(model)
+    d = diagnose(model, task, ("z",), metric="kl", direction="noise")
+    assert d.metric_saturation == 1.0  # KL from clean on the clean base run: zero gradient
+    np.testing.assert_allclose(d.estimate_base["z"], 0.0, atol=1e-6)
+    back = Diagnostics.from_arrays(d.to_arrays(), d.meta())
+    np.testing.assert_array_equal(back.nonlinearity["z"], d.nonlinearity["z"])
+    assert back.metric_saturation == 1.0
