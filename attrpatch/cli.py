@@ -113,13 +113,19 @@ def parse_thresholds(items):
 # Output directory handling
 
 
-def _staging_dir(out: Path) -> Path:
-    out = out.resolve()
+def check_out(out: Path) -> None:
+    """Refuse an output path that is a file or a non-empty directory we did not write."""
+    out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "summary.json").is_file():
         raise CLIError(f"--out {out} exists, is not empty and is not an attrpatch output; "
                        "refusing to overwrite it")
+
+
+def _staging_dir(out: Path) -> Path:
+    check_out(out)
+    out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
@@ -381,6 +387,7 @@ def cmd_demo(args) -> int:
     model_dir = Path(args.model) if args.model else default_model_dir()
     if not (model_dir / "config.json").is_file():
         raise CLIError(f"demo model {model_dir} not found (pass --model DIR)")
+    check_out(args.out)
     model = _load_model(model_dir)
     try:
         task = task_for_model(model_dir, n_prompts=args.n_prompts)
@@ -414,6 +421,7 @@ def cmd_scan(args) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 0")
     thresholds = parse_thresholds(args.threshold)
+    check_out(args.out)
     model = _load_model(args.model)
     grans = sites_to_granularities(args.sites, args.by_pos, model.config.attn_only)
     try:

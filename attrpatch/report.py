@@ -82,8 +82,7 @@ def heatmap_figure(granularity: str, atp: np.ndarray | None, exact: np.ndarray |
     im = None
     for ax, (name, grid, ylab, xlab, yticks, xticks, note) in zip(axs[0], views, strict=True):
         shown = np.ma.masked_invalid(grid)
-        cmap = plt.get_cmap("RdBu_r").copy()
-        cmap.set_bad("#dddddd")
+        cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#dddddd")
         im = ax.imshow(shown, cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto",
                        interpolation="nearest")
         ax.set_title(f"{name}: {granularity}{note}", fontsize=10)

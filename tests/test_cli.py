@@ -1,0 +1,236 @@
+"""The command line end to end on a tiny random checkpoint: outputs, re-validation, data formats,
+and bad input (clear error, exit code 2, nothing written)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attrpatch.cli import main, sites_to_granularities
+from attrpatch.data import DataError, load_task
+
+N_VOCAB = 61
+WORDS = ["<unk>"] + [f"w{i}" for i in range(1, N_VOCAB)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny random GPT-2 checkpoint with a word-level tokenizer.json and a task file."""
+    from conftest import build_hf_gpt2
+
+    from attrpatch.tokenizer import word_level_tokenizer
+
+    path = tmp_path_factory.mktemp("cli") / "tiny"
+    build_hf_gpt2(seed=3).save_pretrained(path)
+    word_level_tokenizer(WORDS).save(str(path / "tokenizer.json"))
+    (path / "attrpatch_task.json").write_text(json.dumps(
+        {"task": "induction", "args": {"n_prompts": 3, "seq_len": 4, "vocab": N_VOCAB}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def npz_data(ckpt):
+    rng = np.random.default_rng(0)
+    clean = rng.integers(1, N_VOCAB, (3, 6))
+    corrupt = clean.copy()
+    corrupt[:, 2] = rng.integers(1, N_VOCAB, 3)
+    path = ckpt.parent / "data.npz"
+    np.savez(path, clean_tokens=clean, corrupt_tokens=corrupt,
+             correct_tokens=rng.integers(1, N_VOCAB, 3), incorrect_tokens=rng.integers(1, N_VOCAB, 3))
+    return path
+
+
+def _report_refs(html: str) -> list[str]:
+    return re.findall(r'(?:src|href)="([^"]+)"', html)
+
+
+def _check_outputs(out: Path, methods=("atp", "exact"), grans=("z", "attn_out")):
+    summary = json.loads((out / "summary.json").read_text())
+    for name in summary["files"]:
+        assert (out / name).is_file(), name
+    with np.load(out / "results.npz") as f:
+        keys = set(f.files)
+        shapes = {k: f[k].shape for k in keys}
+    assert keys == {f"{m}/{g}" for m in methods for g in grans}
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == sum(int(np.prod(shapes[f"{m}/{g}"])) for m in methods for g in grans)
+    assert {"method", "granularity", "component", "effect", "normalized", "flag"} <= set(rows[0])
+    html = (out / "report.html").read_text()
+    for ref in _report_refs(html):
+        assert ref.startswith("data:image/png;base64,") or (out / ref).is_file(), ref
+    assert len(_report_refs(html)) == len(summary["figures"]) > 0
+    for fig in summary["figures"]:
+        assert (out / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return summary, rows, html
+
+
+def test_scan_end_to_end_and_revalidate(ckpt, npz_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["scan", "--model", str(ckpt), "--data", str(npz_data), "--sites", "z", "attn_out",
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "heads" in printed
+    summary, rows, html = _check_outputs(out)
+    v = summary["validation"]
+    assert set(v["verdicts"]) == {"heads", "attention outputs"}
+    for fam in ("heads", "attention outputs"):
+        assert fam in html and v["verdicts"][fam] in html
+    assert summary["run"]["command"].startswith("attrpatch")
+    assert summary["run"]["versions"]["jax"]
+    # the csv effect column is the saved array, the normalised column effect / gap
+    with np.load(out / "results.npz") as f:
+        z = f["exact/z"]
+    gap = summary["exact"]["gap"]
+    row = next(r for r in rows if r["method"] == "exact" and r["granularity"] == "z"
+               and r["index"] == "1,2")
+    assert float(row["effect"]) == pytest.approx(z[1, 2], rel=1e-4, abs=1e-7)
+    assert float(row["normalized"]) == pytest.approx(z[1, 2] / gap, rel=1e-4, abs=1e-6)
+    # flags in the csv are those in summary.json
+    n_flag_rows = sum(bool(r["flag"]) for r in rows if r["method"] == "exact")
+    assert n_flag_rows == len(v["flags"])
+    # re-validate with a threshold nothing can cross: no flags; files rewritten consistently
+    rc = main(["validate", str(out), "--threshold", "large=1000"])
+    assert rc == 0
+    summary2, rows2, _ = _check_outputs(out)
+    assert summary2["validation"]["flags"] == []
+    assert summary2["validation"]["thresholds"]["large"] == 1000
+    assert not any(r["flag"] for r in rows2)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_budgeted_scan(ckpt, npz_data, tmp_path):
+    out = tmp_path / "budget"
+    rc = main(["scan", "--model", str(ckpt), "--data", str(npz_data), "--sites", "z",
+               "--methods", "atp", "--verify-top", "2", "--verify-random", "3", "--out", str(out),
+               "--quiet"])
+    assert rc == 0
+    summary, rows, _ = _check_outputs(out, grans=("z",))
+    with np.load(out / "results.npz") as f:
+        assert np.isfinite(f["exact/z"]).sum() == 5
+        assert np.isfinite(f["atp/z"]).all()
+    b = summary["budget"]["z"]
+    assert len(b["top"]) == 2 and len(b["random"]) == 3 and b["n_rest"] == b["n_components"] - 2
+    assert summary["validation"]["by_granularity"]["z"]["n"] == 5
+
+
+def test_demo_and_python_m(ckpt, tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "attrpatch", "demo", "--model", str(ckpt), "--out", str(out),
+         "--quiet"], capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "report:" in proc.stdout
+    summary, _, html = _check_outputs(out, grans=("resid_pre", "attn_out", "mlp_out", "z", "q", "k"))
+    # a tokenizer exists: axes carry token strings
+    assert summary["tokens"] and all(isinstance(t, str) for t in summary["tokens"])
+
+
+def test_sites_mapping():
+    assert sites_to_granularities(["z", "resid_pre"]) == ["z", "resid_pre"]
+    assert sites_to_granularities(["z", "pattern", "post"], by_pos=True) == [
+        "z", "z_by_pos", "pattern", "pattern_by_query", "post", "post_by_pos"]
+    assert sites_to_granularities("q,k_by_pos") == ["q", "k_by_pos"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data formats
+
+
+def test_text_formats_agree(ckpt, tmp_path):
+    prompts = [("w1 w2 w3 w4", "w1 w5 w3 w4", "w2", "w5"), ("w7 w8 w9", "w7 w10 w9", "w8", "w10")]
+    plain = [dict(clean=c, corrupt=x, answer=a, wrong_answer=w) for c, x, a, w in prompts]
+    auto = {"prompts": [dict(clean=c, corrupt=x, answers=[a], wrong_answers=[w])
+                        for c, x, a, w in prompts]}
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    (tmp_path / "auto.json").write_text(json.dumps(auto))
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(p) for p in plain))
+    with open(tmp_path / "p.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["clean", "corrupt", "answer", "wrong_answer"])
+        w.writeheader()
+        w.writerows(plain)
+    tasks = [load_task(tmp_path / n, model_dir=ckpt) for n in ("plain.json", "auto.json", "p.jsonl", "p.csv")]
+    ref = tasks[0]
+    np.testing.assert_array_equal(ref.clean_tokens, [[1, 2, 3, 4], [7, 8, 9, 0]])
+    np.testing.assert_array_equal(ref.corrupt_tokens[0], [1, 5, 3, 4])
+    np.testing.assert_array_equal(ref.attention_mask, [[1, 1, 1, 1], [1, 1, 1, 0]])
+    np.testing.assert_array_equal(np.asarray(ref.correct_tokens)[:, 0], [2, 8])
+    for t in tasks[1:]:
+        for k in ("clean_tokens", "corrupt_tokens", "correct_tokens", "incorrect_tokens", "attention_mask"):
+            np.testing.assert_array_equal(getattr(t, k), getattr(ref, k))
+
+
+BAD = {
+    "missing key": ({"clean_tokens": [[1, 2]], "corrupt_tokens": [[1, 3]], "correct_tokens": [1]},
+                    "missing key.*incorrect_tokens"),
+    "mismatched lengths": ({"clean_tokens": [[1, 2, 3]], "corrupt_tokens": [[1, 3]],
+                            "correct_tokens": [1], "incorrect_tokens": [2]}, "ragged|same shape"),
+    "out of vocabulary": ({"clean_tokens": [[1, 2]], "corrupt_tokens": [[1, 99]],
+                           "correct_tokens": [1], "incorrect_tokens": [2]}, "outside the vocabulary"),
+    "answer out of vocabulary": ({"clean_tokens": [[1, 2]], "corrupt_tokens": [[1, 3]],
+                                  "correct_tokens": [70], "incorrect_tokens": [2]},
+                                 "outside the vocabulary"),
+    "multi-token answer": ([{"clean": "w1 w2", "corrupt": "w1 w3", "answer": "w4 w5",
+                             "wrong_answer": "w6"}], "not exactly\\s+one"),
+    "unknown answer word": ([{"clean": "w1 w2", "corrupt": "w1 w3", "answer": "zebra",
+                              "wrong_answer": "w6"}], "not in the tokenizer"),
+    "text lengths differ": ([{"clean": "w1 w2", "corrupt": "w1 w3 w4", "answer": "w4",
+                              "wrong_answer": "w6"}], "same length"),
+    "missing text field": ([{"clean": "w1 w2", "corrupt": "w1 w3", "answer": "w4"}],
+                           "missing field.*wrong_answer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_data_clear_error_and_nothing_written(case, ckpt, tmp_path, capsys):
+    content, message = BAD[case]
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(content))
+    out = tmp_path / "out"
+    rc = main(["scan", "--model", str(ckpt), "--data", str(data), "--sites", "z", "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "attrpatch: error:" in err and re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]  # no out, no temp dir
+
+
+def test_bad_arguments_nothing_written(ckpt, npz_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    cases = [
+        (["--sites", "nonsense"], "unknown site"),
+        (["--methods", "atp,magic"], "--methods"),
+        (["--threshold", "bogus=1"], "bad --threshold"),
+        (["--methods", "exact", "--verify-top", "2"], "need the atp method"),
+    ]
+    for extra, message in cases:
+        rc = main(["scan", "--model", str(ckpt), "--data", str(npz_data), "--out", str(out), *extra])
+        assert rc == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    rc = main(["scan", "--model", str(tmp_path / "nope"), "--data", str(npz_data), "--out", str(out)])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    # an existing directory that is not an attrpatch output is never overwritten
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    rc = main(["scan", "--model", str(ckpt), "--data", str(npz_data), "--sites", "z", "--out", str(out)])
+    assert rc == 2 and "refusing" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_load_task_checks_model(ckpt, npz_data):
+    from attrpatch.loading import load_model
+
+    model = load_model(ckpt)
+    task = load_task(npz_data, model=model)
+    assert task.clean_tokens.shape == (3, 6)
+    with pytest.raises(DataError, match="does not exist"):
+        load_task(ckpt / "missing.npz")
