@@ -4,6 +4,7 @@ from attrpatch.gpt2 import GPT2Config
 from attrpatch.interventions import Interventions, Patch
 from attrpatch.loading import load_model, save_model
 from attrpatch.model import Model
+from attrpatch.patching import gaussian_noise_corruption, patch, top_neurons
 from attrpatch.results import GRANULARITIES, PatchResults, Scores
 from attrpatch.sites import all_site_names, parse_site_name
 from attrpatch.task import METRICS, MetricReference, Task
@@ -22,10 +23,13 @@ __all__ = [
     "Scores",
     "Task",
     "all_site_names",
+    "gaussian_noise_corruption",
     "load_model",
     "load_tokenizer",
     "parse_site_name",
+    "patch",
     "save_model",
+    "top_neurons",
     "task_for_model",
 ]
 __version__ = "0.1.0"

@@ -294,8 +294,14 @@ def block(
     keep: Array,
     attn_scale: Array,
     iv: Interventions,
+    prefix_kv: tuple[Array, Array] | None = None,
 ) -> tuple[Float[Array, "batch pos d_model"], dict[str, Array]]:
-    """One transformer block. `p` and `iv` are this layer's slices. Returns (resid_post, acts)."""
+    """One transformer block. `p` and `iv` are this layer's slices. Returns (resid_post, acts).
+
+    `prefix_kv`: optional keys and values ``[batch, prefix, head, d_head]`` of earlier positions
+    (a cache): `resid` then holds only the positions after them (a suffix), attention runs over
+    prefix + suffix keys, and `keep` is ``[batch, 1, suffix, prefix + suffix]``.
+    """
     acts = {}
 
     def hook(name, x):
@@ -308,6 +314,9 @@ def block(
     q = hook("attn.hook_q", jnp.einsum("bpd,dhe->bphe", x, p["W_Q"]) + p["b_Q"])
     k = hook("attn.hook_k", jnp.einsum("bpd,dhe->bphe", x, p["W_K"]) + p["b_K"])
     v = hook("attn.hook_v", jnp.einsum("bpd,dhe->bphe", x, p["W_V"]) + p["b_V"])
+    if prefix_kv is not None:
+        k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
     scores = jnp.einsum("bqhe,bkhe->bhqk", q, k).astype(jnp.float32) / attn_scale
     scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
     scores = hook("attn.hook_attn_scores", scores)

@@ -1,0 +1,265 @@
+"""Exact patching engine vs a plainly written naive loop (one full forward per component)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attrpatch import Interventions, Patch, Task
+from attrpatch.patching import (
+    gaussian_noise_corruption,
+    patch,
+    resample_permutation,
+    top_neurons,
+)
+from attrpatch.results import GRANULARITIES, PatchResults, Scores, grid_shape
+from attrpatch.task import METRICS, MetricReference
+
+ALL = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v",
+       "z_by_pos", "q_by_pos", "k_by_pos", "v_by_pos", "pattern", "pattern_by_query",
+       "pattern_by_entry")
+NEURONS = [(0, 3), (1, 5), (1, 70), (0, 127)]
+ATOL = 2e-5
+
+
+def make_task(seed=0, batch=3, n_pos=7, first=2, same=False, mask=False, metric="logit_diff"):
+    """Random prompts; corrupt differs from clean at positions >= `first` (per prompt shifted)."""
+    rng = np.random.default_rng(seed)
+    clean = rng.integers(1, 61, (batch, n_pos))
+    corrupt = clean.copy()
+    if not same:
+        for b in range(batch):
+            f = min(first + b, n_pos - 1)
+            corrupt[b, f:] = (clean[b, f:] + 1 + rng.integers(0, 59, n_pos - f)) % 61
+    am = None
+    if mask:
+        am = np.ones((batch, n_pos), int)
+        am[0, n_pos - 2:] = 0
+    return Task(clean, corrupt, rng.integers(0, 61, (batch, 2)), rng.integers(0, 61, batch),
+                attention_mask=am, metric=metric)
+
+
+def site_mask(key, axes, comp, act_shape, neuron_ids=None):
+    """Full ``[layer, batch, ...]`` boolean mask selecting one component."""
+    named = dict(zip(axes, comp, strict=True))
+    every = slice(None)
+    sl = [named["layer"], every]
+    if key == "attn.hook_pattern":
+        sl += [named["head"], named.get("query_pos", every), named.get("key_pos", every)]
+    elif key.startswith("attn."):
+        sl += [named.get("pos", every), named["head"], every]
+    elif "neuron" in named:
+        sl += [named.get("pos", every), neuron_ids[named["neuron"]]]
+    else:
+        sl += [named["pos"], every]
+    mask = np.zeros(act_shape, bool)
+    mask[tuple(sl)] = True
+    return mask
+
+
+def naive(model, task, gran, direction="denoise", source="default", metric=None, seed=0,
+          corrupt_iv=None, neurons=None):
+    """Per-prompt effects ``[batch, *axes]`` by one full `model.run` per component."""
+    key, axes = GRANULARITIES[gran]
+    cfg = model.config
+    am, ans = task.attention_mask, task.answer_positions
+    corrupt_tokens = task.clean_tokens if corrupt_iv is not None else task.corrupt_tokens
+    corrupt_iv = corrupt_iv or Interventions()
+    clean_logits, clean_cache = model.run(task.clean_tokens, am, Interventions(), (key,), ans)
+    corrupt_logits, corrupt_cache = model.run(corrupt_tokens, am, corrupt_iv, (key,), ans)
+    ref = MetricReference(clean_logits, corrupt_logits)
+    fn = METRICS[metric or task.metric]
+    if source == "default" and direction == "denoise":
+        base_tokens, base_iv, src = corrupt_tokens, corrupt_iv, clean_cache[key]
+    elif source == "default":
+        base_tokens, base_iv, src = task.clean_tokens, Interventions(), corrupt_cache[key]
+    else:
+        base_tokens, base_iv, act = task.clean_tokens, Interventions(), np.asarray(clean_cache[key])
+        if source == "zero":
+            src = np.zeros_like(act)
+        elif source == "mean":
+            src = np.broadcast_to(act.mean(1, keepdims=True), act.shape)
+        else:
+            src = act[:, resample_permutation(task.batch, seed)]
+    src = jnp.asarray(src)
+    base_logits, _ = model.run(base_tokens, am, base_iv, (), ans)
+    base = np.asarray(fn(base_logits, task, ref))
+    neuron_ids = None
+    shape = grid_shape(gran, cfg.n_layers, task.n_pos, cfg.n_heads, cfg.d_mlp)
+    out = np.full((task.batch, *shape), np.nan)
+    comps = list(np.ndindex(shape))
+    if neurons is not None:
+        comps = [c for c in comps if (c[0], c[-1]) in set(neurons)]
+        neuron_ids = np.arange(cfg.d_mlp)
+    for comp in comps:
+        mask = jnp.asarray(site_mask(key, axes, comp, src.shape, neuron_ids))
+        iv = Interventions(dict(base_iv.delta), {key: Patch(mask, src)})
+        logits, _ = model.run(base_tokens, am, iv, (), ans)
+        out[(slice(None), *comp)] = np.asarray(fn(logits, task, ref)) - base
+    return out
+
+
+def check(res: PatchResults, gran, expected):
+    got = res.scores[gran].per_prompt
+    assert got.shape == expected.shape, gran
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected), err_msg=gran)
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0, err_msg=gran)
+    np.testing.assert_allclose(res[gran], np.mean(expected, 0), atol=ATOL, rtol=0, err_msg=gran)
+
+
+def test_every_granularity_matches_naive_denoise(tiny_model):
+    model, _ = tiny_model
+    task = make_task(mask=True)
+    grans = ALL + ("post", "post_by_pos")
+    res = patch(model, task, grans, neurons=NEURONS, batch_size=5, per_prompt=True,
+                progress=False, suffix_buckets=1)
+    assert res.method == "exact" and res.direction == "denoise"
+    for gran in grans:
+        check(res, gran, naive(model, task, gran, neurons=NEURONS if gran.startswith("post") else None))
+    assert np.isnan(res["post"][0, 0]) and not np.isnan(res["post"][0, 3])
+    # patches before a prompt's first differing position are exactly zero, and some are not
+    fd = task.first_diff_positions
+    for gran in ("resid_pre", "z_by_pos", "post_by_pos"):
+        pp = res.scores[gran].per_prompt
+        for b in range(task.batch):
+            assert (pp[b, :, : fd[b]][~np.isnan(pp[b, :, : fd[b]])] == 0).all()
+        assert np.nanmax(np.abs(pp)) > 1e-3
+
+
+def test_noise_direction_and_suffix_buckets_match_naive(tiny_model):
+    model, _ = tiny_model
+    task = make_task(seed=1, first=1)
+    grans = ("resid_post", "k_by_pos", "q", "pattern_by_query", "post_by_pos")
+    res = patch(model, task, grans, direction="noise", neurons=NEURONS, batch_size=4,
+                per_prompt=True, progress=False, suffix_buckets=3)
+    assert res.direction == "noise"
+    for gran in grans:
+        check(res, gran, naive(model, task, gran, "noise",
+                               neurons=NEURONS if gran.startswith("post") else None))
+
+
+@pytest.mark.parametrize("source", ["zero", "mean", "resample"])
+def test_ablations_match_naive(tiny_model, source):
+    model, _ = tiny_model
+    task = make_task(seed=2)
+    grans = ("resid_mid", "v_by_pos", "pattern")
+    res = patch(model, task, grans, source=source, seed=3, batch_size=8, per_prompt=True,
+                progress=False, suffix_buckets=2)
+    assert res.direction == "noise"
+    for gran in grans:
+        check(res, gran, naive(model, task, gran, "noise", source=source, seed=3))
+
+
+def test_resample_permutation_is_seeded_derangement():
+    for b in (2, 3, 8):
+        p = resample_permutation(b, 5)
+        assert sorted(p) == list(range(b)) and (p != np.arange(b)).all()
+        np.testing.assert_array_equal(p, resample_permutation(b, 5))
+    assert any((resample_permutation(8, s) != resample_permutation(8, 0)).any() for s in range(1, 5))
+
+
+def test_gaussian_noise_corruption_and_metrics_match_naive(tiny_model):
+    model, _ = tiny_model
+    task = make_task(seed=4, same=True)
+    iv = gaussian_noise_corruption(model, task, seed=1)
+    embed = np.asarray(model.params["W_E"])[np.asarray(task.clean_tokens)]
+    assert abs(np.asarray(iv.delta["hook_embed"]).std() / embed.std() - 3.0) < 0.5
+    for metric in ("normalized_logit_diff", "kl"):
+        res = patch(model, task, ("attn_out",), metric=metric, corrupt_interventions=iv,
+                    per_prompt=True, progress=False)
+        assert res.metric == metric
+        check(res, "attn_out", naive(model, task, "attn_out", metric=metric, corrupt_iv=iv))
+
+
+def test_identical_prompts_give_exact_zeros(tiny_model):
+    model, _ = tiny_model
+    task = make_task(same=True)
+    for direction in ("denoise", "noise"):
+        res = patch(model, task, ALL, direction=direction, per_prompt=True, progress=False)
+        for gran in ALL:
+            assert (res.scores[gran].per_prompt == 0).all(), gran
+        assert res.gap == 0
+
+
+def test_batch_size_and_buckets_do_not_change_results(tiny_model):
+    model, _ = tiny_model
+    task = make_task(seed=5, mask=True)
+    grans = ("resid_pre", "z_by_pos")
+    runs = [patch(model, task, grans, batch_size=bs, suffix_buckets=nb, per_prompt=True,
+                  progress=False) for bs, nb in ((1, 0), (3, 4), (64, 2))]
+    for r in runs[1:]:
+        for gran in grans:
+            np.testing.assert_allclose(r.scores[gran].per_prompt, runs[0].scores[gran].per_prompt,
+                                       atol=1e-5, rtol=0)
+
+
+def test_interrupt_keeps_partial_results_and_checkpoint_resumes(tiny_model, tmp_path, monkeypatch):
+    import attrpatch.patching as P
+
+    model, _ = tiny_model
+    task = make_task(seed=6)
+    grans = ("attn_out", "z")
+    kw = dict(per_prompt=True, progress=False, suffix_buckets=1)  # one bucket call per layer
+    full = patch(model, task, grans, **kw)
+    real, calls = P._run_bucket, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(P, "_run_bucket", flaky)
+    with pytest.warns(UserWarning, match="interrupted"):
+        part = patch(model, task, grans, checkpoint_dir=tmp_path, **kw)
+    assert np.isnan(part["z"]).all() and np.isnan(part["attn_out"][1]).all()
+    done = ~np.isnan(part["attn_out"])
+    assert done[0].all()
+    np.testing.assert_array_equal(part["attn_out"][done], full["attn_out"][done])
+    saved = sorted(f.name for f in tmp_path.iterdir())
+    assert "meta.json" in saved and not any(f.startswith(".tmp") for f in saved)
+    resumed = patch(model, task, grans, checkpoint_dir=tmp_path, **kw)
+    assert len(calls) == 2 + 3  # layer 0 of attn_out came from its file
+    for gran in grans:
+        np.testing.assert_array_equal(resumed.scores[gran].per_prompt, full.scores[gran].per_prompt)
+    # a different task must not resume from these files
+    with pytest.raises(ValueError, match="different"):
+        patch(model, make_task(seed=7), grans, progress=False, checkpoint_dir=tmp_path)
+
+
+def test_top_neurons_and_neurons_from_results(tiny_model):
+    model, _ = tiny_model
+    vals = np.zeros((2, 128))
+    vals[1, 9], vals[0, 4] = -5.0, 2.0
+    atp = PatchResults("atp", "denoise", "logit_diff", 0.0, 1.0, {"post": Scores("post", vals)})
+    assert top_neurons(atp, 2) == [(1, 9), (0, 4)]
+    res = patch(model, make_task(), ("post",), neurons=atp, progress=False)
+    assert not np.isnan(res["post"][1, 9]) and (~np.isnan(res["post"])).sum() == 64
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(granularities=("resid_prex",)), "unknown granularity"),
+        (dict(direction="sideways"), "unknown direction"),
+        (dict(source="ones"), "unknown source"),
+        (dict(source="zero", direction="denoise"), "direction='noise'"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(granularities=("post",)), "neurons="),
+        (dict(granularities=("post",), neurons=[(2, 0)]), "outside"),
+        (dict(metric="accuracy"), "unknown metric"),
+    ],
+)
+def test_bad_input_errors(tiny_model, kwargs, match):
+    model, _ = tiny_model
+    kwargs = dict(granularities=("resid_pre",)) | kwargs
+    with pytest.raises(ValueError, match=match):
+        patch(model, make_task(), progress=False, **kwargs)
+
+
+def test_bad_tokens_error(tiny_model):
+    model, _ = tiny_model
+    task = Task(np.full((2, 5), 70), np.full((2, 5), 3), [1, 2], [3, 4])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        patch(model, task, progress=False)
