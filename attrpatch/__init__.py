@@ -1,5 +1,6 @@
 """attrpatch: attribution patching and exact activation patching in JAX, validated against each other."""
 
+from attrpatch.data import load_task
 from attrpatch.gpt2 import GPT2Config
 from attrpatch.interventions import Interventions, Patch
 from attrpatch.loading import load_model, save_model
@@ -10,8 +11,17 @@ from attrpatch.sites import all_site_names, parse_site_name
 from attrpatch.task import METRICS, MetricReference, Task
 from attrpatch.tasks import task_for_model
 from attrpatch.tokenizer import load_tokenizer
+from attrpatch.validation import (
+    Diagnostics,
+    Thresholds,
+    Validation,
+    diagnose,
+    validate,
+    verify_budgeted,
+)
 
 __all__ = [
+    "Diagnostics",
     "GPT2Config",
     "GRANULARITIES",
     "Interventions",
@@ -22,14 +32,20 @@ __all__ = [
     "PatchResults",
     "Scores",
     "Task",
+    "Thresholds",
+    "Validation",
     "all_site_names",
+    "diagnose",
     "gaussian_noise_corruption",
     "load_model",
+    "load_task",
     "load_tokenizer",
     "parse_site_name",
     "patch",
     "save_model",
     "top_neurons",
     "task_for_model",
+    "validate",
+    "verify_budgeted",
 ]
 __version__ = "0.1.0"

@@ -47,6 +47,7 @@ SITES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "post": (("post",), ("post_by_pos",)),
 }
 DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "z")
+MLP_SITE_NAMES = ("resid_mid", "mlp_out", "post")
 DEMO_SITES = ("resid_pre", "attn_out", "mlp_out", "z", "q", "k")
 DEFAULT_MODEL = "ioi-gpt2-4l"
 
@@ -394,7 +395,8 @@ def cmd_demo(args) -> int:
         task.check_for(model)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(str(e)) from e
-    grans = sites_to_granularities(DEMO_SITES, attn_only=model.config.attn_only)
+    sites = [s for s in DEMO_SITES if not (model.config.attn_only and s in MLP_SITE_NAMES)]
+    grans = sites_to_granularities(sites, attn_only=model.config.attn_only)
     thresholds = parse_thresholds(args.threshold)
     run = {"command": _command(), "subcommand": "demo", "model": str(model_dir),
            "data": "attrpatch_task.json", "direction": "denoise", "metric": task.metric,

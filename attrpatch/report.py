@@ -72,8 +72,8 @@ def heatmap_figure(granularity: str, atp: np.ndarray | None, exact: np.ndarray |
     finite = np.concatenate([np.ravel(v[1])[np.isfinite(np.ravel(v[1]))] for v in views] + [np.zeros(1)])
     vmax = float(np.abs(finite).max()) or 1.0
     rows, cols = views[0][1].shape
-    width = min(7.5, 2.2 + 0.45 * cols) if views[0][6] is not None else 6.0
-    height = min(12.0, 1.4 + 0.28 * rows)
+    width = min(8.0, 1.8 + 0.36 * cols) if views[0][5] is not None else 6.0
+    height = min(12.0, max(2.8, 1.6 + 0.3 * rows))
     fig, axs = plt.subplots(1, len(views), figsize=(width * len(views) + 1.0, height),
                             squeeze=False, constrained_layout=True)
     flag_view = None
@@ -91,7 +91,9 @@ def heatmap_figure(granularity: str, atp: np.ndarray | None, exact: np.ndarray |
         if len(yticks) <= 48:
             ax.set_yticks(range(len(yticks)), yticks, fontsize=7 if len(yticks) > 16 else 8)
         if xticks is not None and len(xticks) <= 48:
-            ax.set_xticks(range(len(xticks)), xticks, rotation=60, ha="right", fontsize=7)
+            long = max(len(x) for x in xticks) > 3
+            ax.set_xticks(range(len(xticks)), xticks, rotation=60 if long else 0,
+                          ha="right" if long else "center", fontsize=7 if long else 8)
         if flag_view is not None:
             for r, c in zip(*np.nonzero(flag_view > 0), strict=True):
                 ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, lw=1.5,

@@ -324,14 +324,14 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
     base_np = {k: np.asarray(v, np.float64) for k, v in jax.device_get(base_cache).items()}
     source_np = {k: np.asarray(v, np.float64) for k, v in jax.device_get(source_cache).items()}
     # Midpoint gradients: the base run with one layer's site moved halfway to the source.
+    # (Same pytree structure as `zeros`, so `grad_fn` compiles once for all of them.)
     g_mid = {}
     for k in grad_keys:
         half = 0.5 * (source_cache[k].astype(jnp.float32) - base_cache[k].astype(jnp.float32))
-        fn = jax.jit(jax.grad(lambda d, key=k: metric_of({key: d}, base_tokens)))
         layers = []
         for layer in range(half.shape[0]):
-            onehot = (jnp.arange(half.shape[0]) == layer).reshape((-1,) + (1,) * (half.ndim - 1))
-            layers.append(np.asarray(fn(half * onehot)[layer], np.float64))
+            deltas = dict(zeros, **{k: zeros[k].at[layer].set(half[layer])})
+            layers.append(np.asarray(grad_fn(deltas, base_tokens)[k][layer], np.float64))
         g_mid[k] = np.stack(layers)
     base_logits, source_logits = (
         (corrupt_logits, clean_logits) if direction == "denoise" else (clean_logits, corrupt_logits)
