@@ -319,8 +319,11 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
 
             t0 = time.perf_counter()
             kwargs = {}
-            if any(g.startswith("post") for g in granularities) and atp is not None:
-                kwargs["neurons"] = atp
+            if any(g.startswith("post") for g in granularities):
+                # AtP's top neurons where AtP ran (the rest stay NaN), else every neuron.
+                cfg = model.config
+                kwargs["neurons"] = atp if atp is not None else [
+                    (layer, n) for layer in range(cfg.n_layers) for n in range(cfg.d_mlp)]
             exact = patch(model, task, granularities=granularities, direction=direction,
                           metric=metric, progress=not quiet, **kwargs)
             timings["exact_s"] = round(time.perf_counter() - t0, 3)

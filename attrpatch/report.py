@@ -177,6 +177,10 @@ def _img(path: Path) -> str:
 
 
 def _fmt(x) -> str:
+    if isinstance(x, dict):
+        return "<br>".join(f"{html.escape(str(k))} = {_fmt(v)}" for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return html.escape(", ".join(str(v) for v in x))
     if isinstance(x, float):
         return "n/a" if not np.isfinite(x) else f"{x:.3g}"
     return html.escape(str(x))
