@@ -26,6 +26,7 @@ from attrpatch.results import FAMILIES, GRANULARITIES, PatchResults  # noqa: E40
 from attrpatch.validation import Validation, component_label  # noqa: E402
 
 MAX_ROWS = 96  # grids with more rows than this are summarised (sum over the last axis)
+POINT_COLOURS = ("#1f77b4", "#2ca02c", "#17becf", "#7f7f7f", "#bcbd22", "#e377c2")
 FLAG_COLOURS = {"false negative": "#d62728", "false positive": "#ff7f0e",
                 "sign flip": "#9467bd", "magnitude error": "#8c564b"}
 
@@ -119,7 +120,7 @@ def scatter_figure(family: str, atp: PatchResults, exact: PatchResults, validati
         a, e = np.ravel(atp[g]), np.ravel(exact[g])
         ok = np.isfinite(a) & np.isfinite(e)
         ax.scatter(e[ok], a[ok], s=14, alpha=0.6, marker=markers[i % len(markers)],
-                   color="#1f77b4" if i == 0 else f"C{i + 2}", label=f"{g} ({ok.sum()})")
+                   color=POINT_COLOURS[i % len(POINT_COLOURS)], label=f"{g} ({ok.sum()})")
         if ok.any():
             lo, hi = min(lo, e[ok].min(), a[ok].min()), max(hi, e[ok].max(), a[ok].max())
     pad = 0.05 * (hi - lo or 1.0)
@@ -133,7 +134,8 @@ def scatter_figure(family: str, atp: PatchResults, exact: PatchResults, validati
             ax.scatter([f.exact for f in pts], [f.atp for f in pts], s=60, facecolors="none",
                        edgecolors=colour, linewidths=1.6, label=f"{kind} ({len(pts)})")
     for f in flags[:max_labels]:
-        ax.annotate(f.label.split(":", 1)[1], (f.exact, f.atp), fontsize=7,
+        label = f.label if len(gs) > 1 else f.label.split(":", 1)[1]
+        ax.annotate(label, (f.exact, f.atp), fontsize=7,
                     xytext=(4, 4), textcoords="offset points")
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_ylim(lo - pad, hi + pad)
