@@ -1,5 +1,6 @@
 """attrpatch: attribution patching and exact activation patching in JAX, validated against each other."""
 
+from attrpatch.attribution import attribute
 from attrpatch.data import load_task
 from attrpatch.gpt2 import GPT2Config
 from attrpatch.interventions import Interventions, Patch
@@ -35,6 +36,7 @@ __all__ = [
     "Thresholds",
     "Validation",
     "all_site_names",
+    "attribute",
     "diagnose",
     "gaussian_noise_corruption",
     "load_model",
@@ -43,8 +45,8 @@ __all__ = [
     "parse_site_name",
     "patch",
     "save_model",
-    "top_neurons",
     "task_for_model",
+    "top_neurons",
     "validate",
     "verify_budgeted",
 ]

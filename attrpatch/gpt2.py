@@ -270,8 +270,8 @@ def init_params(cfg: GPT2Config, key: Array, dtype=jnp.float32) -> dict:
 
 
 def layer_norm(x: Float[Array, "... d"], w, b, eps: float) -> Float[Array, "... d"]:
-    """LayerNorm over the last axis, computed in float32 whatever the input dtype."""
-    x32 = x.astype(jnp.float32)
+    """LayerNorm over the last axis, computed in at least float32 whatever the input dtype."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype) * w + b
@@ -317,8 +317,8 @@ def block(
     if prefix_kv is not None:
         k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
         v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
-    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k).astype(jnp.float32) / attn_scale
-    scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k).astype(jnp.promote_types(q.dtype, jnp.float32))
+    scores = jnp.where(keep, scores / attn_scale, jnp.finfo(scores.dtype).min)
     scores = hook("attn.hook_attn_scores", scores)
     pattern = hook("attn.hook_pattern", jax.nn.softmax(scores, axis=-1).astype(q.dtype))
     z = hook("attn.hook_z", jnp.einsum("bhqk,bkhe->bqhe", pattern, v))
@@ -401,5 +401,6 @@ def forward(
         "ln_final.hook_normalized",
         layer_norm(resid, params["ln_f_w"], params["ln_f_b"], cfg.layer_norm_eps),
     )
-    logits = normalized.astype(jnp.float32) @ params["W_U"].astype(jnp.float32)
+    dt = jnp.promote_types(normalized.dtype, jnp.float32)  # float32, or float64 for a float64 model
+    logits = normalized.astype(dt) @ params["W_U"].astype(dt)
     return logits, cache
