@@ -430,13 +430,15 @@ def cmd_scan(args) -> int:
     model = _load_model(args.model)
     grans = sites_to_granularities(args.sites, args.by_pos, model.config.attn_only)
     try:
-        task = load_task(args.data, model=model, model_dir=args.model, metric=args.metric)
+        task = load_task(args.data, model=model, model_dir=args.model, metric=args.metric,
+                         prepend_bos=args.prepend_bos)
     except DataError as e:
         raise CLIError(str(e)) from e
     run = {"command": _command(), "subcommand": "scan", "model": str(args.model),
            "data": str(args.data), "direction": args.direction, "metric": args.metric,
            "methods": ",".join(methods), "granularities": ",".join(grans),
-           "n_prompts": task.batch, "n_pos": task.n_pos, "verify_top": args.verify_top,
+           "n_prompts": task.batch, "n_pos": task.n_pos, "prepend_bos": args.prepend_bos,
+           "verify_top": args.verify_top,
            "verify_random": args.verify_random, "seed": args.seed}
     out = Path(args.out)
     summary = run_pipeline(model, args.model, task, grans, methods, args.direction, args.metric,
@@ -500,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="checkpoint directory")
     s.add_argument("--data", required=True,
                    help=".npz/.json token ids, or text prompts (.json/.jsonl/.csv, auto-circuit)")
+    s.add_argument("--prepend-bos", action="store_true",
+                   help="text prompts: put the tokenizer's BOS token first")
     s.add_argument("--sites", nargs="+", default=list(DEFAULT_SITES),
                    help=f"TransformerLens short names: {', '.join(SITES)} (default: "
                         f"{' '.join(DEFAULT_SITES)})")

@@ -34,7 +34,7 @@ class DataError(ValueError):
 
 
 def load_task(path: str | os.PathLike, model=None, model_dir: str | os.PathLike | None = None,
-              metric: str = "logit_diff", tokenizer=None) -> Task:
+              metric: str = "logit_diff", tokenizer=None, prepend_bos: bool = False) -> Task:
     """Read a data file into a :class:`attrpatch.Task` and check it against `model`.
 
     **Arguments:**
@@ -44,6 +44,8 @@ def load_task(path: str | os.PathLike, model=None, model_dir: str | os.PathLike 
     - `model_dir` / `tokenizer`: where text prompts get their tokenizer (a `tokenizers.Tokenizer`,
       or the directory holding ``tokenizer.json``).
     - `metric`: the task's default metric.
+    - `prepend_bos`: put the tokenizer's ``<|endoftext|>`` / ``<bos>`` / ``<s>`` before every
+      text prompt (as TransformerLens does by default); token-id files are used as they are.
 
     Raises :class:`DataError` naming the file and the problem.
     """
@@ -62,7 +64,7 @@ def load_task(path: str | os.PathLike, model=None, model_dir: str | os.PathLike 
             else:
                 prompts = records["prompts"] if isinstance(records, dict) else records
                 tok = tokenizer if tokenizer is not None else _tokenizer(model_dir, path)
-                task = _from_text(prompts, tok, path, metric)
+                task = _from_text(prompts, tok, path, metric, prepend_bos)
         else:
             raise DataError(f"{path}: unknown data file type {suffix!r}; use .npz, .json, "
                             ".jsonl or .csv")
@@ -157,9 +159,18 @@ def _unk_id(tok):
     return tok.token_to_id(unk) if isinstance(unk, str) else None
 
 
-def _from_text(prompts, tok, path: Path, metric: str) -> Task:
+def _from_text(prompts, tok, path: Path, metric: str, prepend_bos: bool = False) -> Task:
     if not isinstance(prompts, list) or not prompts:
         raise DataError(f"{path}: expected a non-empty list of prompts")
+    bos = []
+    if prepend_bos:
+        from attrpatch.tasks import default_bos_id
+
+        bos_id = default_bos_id(tok)
+        if bos_id is None:
+            raise DataError(f"{path}: prepend_bos, but the tokenizer has no <|endoftext|>, <bos> "
+                            "or <s> token")
+        bos = [bos_id]
     clean, corrupt, correct, incorrect = [], [], [], []
     for i, p in enumerate(prompts):
         where = f"{path}: prompt {i}"
@@ -190,8 +201,8 @@ def _from_text(prompts, tok, path: Path, metric: str) -> Task:
         wrong = [wrong] if isinstance(wrong, str) else list(wrong)
         correct.append([_single_token(tok, a, f"{where} answers") for a in ans])
         incorrect.append([_single_token(tok, a, f"{where} wrong_answers") for a in wrong])
-        clean.append(c)
-        corrupt.append(x)
+        clean.append(bos + c)
+        corrupt.append(bos + x)
     for name, lists in (("answers", correct), ("wrong_answers", incorrect)):
         if len({len(a) for a in lists}) != 1:
             raise DataError(f"{path}: every prompt needs the same number of {name}; got "

@@ -286,11 +286,14 @@ def _runs(task, direction):
 
 
 def diagnose(model, task, granularities: Sequence[str], direction: str = "denoise",
-             metric=None, thresholds: Thresholds = Thresholds()) -> Diagnostics:
-    """Signals that explain AtP failures, from two forwards and two backwards.
+             metric=None, thresholds: Thresholds = Thresholds(), midpoint: bool = True,
+             ) -> Diagnostics:
+    """Signals that explain AtP failures: two forwards and two backwards, plus (with `midpoint`)
+    one backward per (site, layer) with that layer's site moved halfway to the source.
 
     **Arguments:** as :func:`attrpatch.attribute` (`model`, `task`, `granularities`,
-    `direction`, `metric`); `thresholds` for the metric-saturation test.
+    `direction`, `metric`); `thresholds` for the metric-saturation test; `midpoint=False` skips
+    the midpoint gradients (`estimate_mid` is then the mean of the base and source estimates).
 
     **Returns:** :class:`Diagnostics`.
     """
@@ -326,7 +329,7 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
     # Midpoint gradients: the base run with one layer's site moved halfway to the source.
     # (Same pytree structure as `zeros`, so `grad_fn` compiles once for all of them.)
     g_mid = {}
-    for k in grad_keys:
+    for k in grad_keys if midpoint else ():
         half = 0.5 * (source_cache[k].astype(jnp.float32) - base_cache[k].astype(jnp.float32))
         layers = []
         for layer in range(half.shape[0]):
@@ -352,8 +355,9 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
         den = np.sqrt(_reduce(base_np[key] ** 2, key, g))
         big[g] = np.where(den > 0, num / np.maximum(den, 1e-30), np.where(num > 0, np.inf, 0.0))
         est_b[g] = _reduce(diff * np.asarray(g_base[key], np.float64), key, g)
-        est_m[g] = _reduce(diff * g_mid[key], key, g)
         est_s[g] = _reduce(diff * np.asarray(g_source[key], np.float64), key, g)
+        est_m[g] = (_reduce(diff * g_mid[key], key, g) if midpoint
+                    else 0.5 * (est_b[g] + est_s[g]))
         ests = np.stack([est_b[g], est_m[g], est_s[g]])
         scale = np.maximum(np.abs(ests).max(0), thresholds.small * floor_unit)
         nonlin[g] = (ests.max(0) - ests.min(0)) / scale

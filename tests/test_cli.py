@@ -17,7 +17,8 @@ from attrpatch.cli import main, sites_to_granularities
 from attrpatch.data import DataError, load_task
 
 N_VOCAB = 61
-WORDS = ["<unk>"] + [f"w{i}" for i in range(1, N_VOCAB)]
+WORDS = ["<unk>"] + [f"w{i}" for i in range(1, N_VOCAB - 1)] + ["<bos>"]
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "ioi-gpt2-4l"
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +135,21 @@ def test_demo_and_python_m(ckpt, tmp_path):
     assert summary["tokens"] and all(isinstance(t, str) for t in summary["tokens"])
 
 
+@pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="shipped IOI model not built")
+def test_demo_shipped_model(tmp_path):
+    """The default demo: the shipped IOI model, AtP + exact + validation + report."""
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "attrpatch", "demo", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary, _, html = _check_outputs(
+        out, grans=("resid_pre", "attn_out", "mlp_out", "z", "q", "k"))
+    assert Path(summary["run"]["model"]).resolve() == SHIPPED
+    assert abs(summary["exact"]["gap"]) > 0.5  # a trained model: clean and corrupt differ
+    assert set(summary["validation"]["verdicts"]) == {
+        "residual stream", "attention outputs", "MLP outputs", "heads", "q/k/v"}
+
+
 def test_sites_mapping():
     assert sites_to_granularities(["z", "resid_pre"]) == ["z", "resid_pre"]
     assert sites_to_granularities(["z", "pattern", "post"], by_pos=True) == [
@@ -166,6 +182,9 @@ def test_text_formats_agree(ckpt, tmp_path):
     for t in tasks[1:]:
         for k in ("clean_tokens", "corrupt_tokens", "correct_tokens", "incorrect_tokens", "attention_mask"):
             np.testing.assert_array_equal(getattr(t, k), getattr(ref, k))
+    with_bos = load_task(tmp_path / "auto.json", model_dir=ckpt, prepend_bos=True)
+    np.testing.assert_array_equal(with_bos.clean_tokens, [[60, 1, 2, 3, 4], [60, 7, 8, 9, 0]])
+    np.testing.assert_array_equal(with_bos.answer_positions, [4, 3])
 
 
 BAD = {

@@ -188,6 +188,8 @@ def test_planted_attention_saturation_is_flagged_with_cause(tiny_model):
     atp = attribute(model, task, granularities=grans)
     exact = patch(model, task, granularities=grans, progress=False)
     diag = diagnose(model, task, grans)
+    for g in grans:  # the diagnostics' base-gradient estimate is AtP, computed independently
+        np.testing.assert_allclose(diag.estimate_base[g], atp[g], rtol=1e-3, atol=1e-5)
     sat = diag.attn_saturation["k"][layer]
     assert sat[head] >= 0.95 and np.all(np.delete(sat, head) < 0.95)
     v = validate(atp, exact, diag)
