@@ -281,13 +281,16 @@ def induction_task(
     bos_id: int | None = 0,
     seed: int = 0,
     n_repeated: int | None = None,
+    corrupt: str = "answer",
 ) -> Task:
     """Repeated random tokens: ``[bos] R R[:k]``, answer ``R[k]`` (``k = n_repeated``).
 
     `R` is `seq_len` distinct ids drawn from `vocab` (an int ``n`` means ids ``1..n-1`` when
     `bos_id` is 0, else ``0..n-1``; or an explicit list of ids). The corrupted prompt replaces
-    the *first* occurrence of the answer ``R[k]`` by a fresh id ``c`` not in `R`, so induction
-    predicts ``c`` there; correct = ``R[k]``, incorrect = ``c``.
+    a token of the *first* occurrence by a fresh id ``c`` not in `R`: with
+    ``corrupt="answer"`` the answer ``R[k]`` itself (the value an induction head copies, so
+    induction predicts ``c``); with ``corrupt="previous"`` the token before it, ``R[k-1]`` (the
+    key it matches, so induction finds nothing). Correct = ``R[k]``, incorrect = ``c``.
 
     **Returns:** a :class:`Task` with tokens ``[n_prompts, 1 + seq_len + k]`` (no bos: one less).
     """
@@ -298,21 +301,23 @@ def induction_task(
     k = seq_len - 1 if n_repeated is None else n_repeated
     if not 1 <= k < seq_len:
         raise ValueError(f"n_repeated must be in [1, seq_len), got {k} with seq_len={seq_len}")
+    if corrupt not in ("answer", "previous"):
+        raise ValueError(f"corrupt must be 'answer' or 'previous', got {corrupt!r}")
     if len(ids) < seq_len + 1:
         raise ValueError(f"vocab has {len(ids)} ids; need at least seq_len + 1 = {seq_len + 1}")
     rng = np.random.default_rng(seed)
     prefix = [] if bos_id is None else [bos_id]
-    clean, corrupt, correct, incorrect = [], [], [], []
+    clean_rows, corrupt_rows, correct, incorrect = [], [], [], []
     for _ in range(n_prompts):
         draw = ids[rng.choice(len(ids), seq_len + 1, replace=False)]
         r, c = list(draw[:seq_len]), int(draw[seq_len])
-        clean.append(prefix + r + r[:k])
+        clean_rows.append(prefix + r + r[:k])
         r_bad = list(r)
-        r_bad[k] = c
-        corrupt.append(prefix + r_bad + r[:k])
+        r_bad[k if corrupt == "answer" else k - 1] = c
+        corrupt_rows.append(prefix + r_bad + r[:k])
         correct.append(int(r[k]))
         incorrect.append(c)
-    return Task(np.array(clean), np.array(corrupt), np.array(correct), np.array(incorrect))
+    return Task(np.array(clean_rows), np.array(corrupt_rows), np.array(correct), np.array(incorrect))
 
 
 # ----------------------------------------------------------------------------------------------
