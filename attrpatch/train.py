@@ -1,0 +1,569 @@
+"""Train the shipped default models from scratch, deterministically (optax AdamW).
+
+    python -m attrpatch.train induction --out models/attn-only-2l-induction
+    python -m attrpatch.train ioi --out models/ioi-gpt2-4l
+
+Each run writes a checkpoint `attrpatch.load_model` reads, plus ``tokenizer.json`` (word-level),
+``attrpatch_task.json`` (the matching task, see `attrpatch.tasks.task_for_model`) and a
+``README.md`` model card with the measured behaviour and exact-patching evidence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from attrpatch import tasks
+from attrpatch.gpt2 import GPT2Config, init_params
+from attrpatch.interventions import Interventions, Patch
+from attrpatch.loading import save_model
+from attrpatch.model import Model, _forward
+from attrpatch.task import Task
+from attrpatch.tokenizer import word_level_tokenizer
+
+# A batch: (tokens int [batch, pos], targets int [batch, pos], weights float [batch, pos]).
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def weighted_loss(params, cfg: GPT2Config, tokens, targets, weights):
+    """Weighted mean next-token cross-entropy (weights ``[batch, pos]``, summing to the divisor)."""
+    logits = _forward(params, cfg, tokens, None, Interventions(), (), None)[0]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return (ce * weights).sum() / weights.sum()
+
+
+def train(
+    cfg: GPT2Config,
+    batches: Callable[[np.random.Generator], Batch],
+    steps: int,
+    lr: float = 1e-3,
+    seed: int = 0,
+    warmup: int = 100,
+    weight_decay: float = 0.01,
+    log_every: int = 100,
+    log: Callable[[str], None] | None = print,
+) -> tuple[Model, list[tuple[int, float]]]:
+    """AdamW with linear warmup and cosine decay, gradient clipping at 1.
+
+    **Arguments:**
+
+    - `batches`: called with a `numpy` generator seeded from `seed`; returns a `Batch`.
+    - `steps`, `lr`, `warmup`, `weight_decay`: the schedule.
+
+    **Returns:** `(model, losses)` with `losses` the (step, loss) pairs logged every `log_every`.
+    """
+    params = init_params(cfg, jax.random.PRNGKey(seed))
+    if cfg.tie_word_embeddings:
+        params.pop("W_U")
+    warmup = min(warmup, steps // 2)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.05)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
+    state = opt.init(params)
+
+    def full(p):
+        return p | {"W_U": p["W_E"].T} if cfg.tie_word_embeddings else p
+
+    @jax.jit
+    def step(params, state, tokens, targets, weights):
+        loss, grads = jax.value_and_grad(lambda p: weighted_loss(full(p), cfg, tokens, targets,
+                                                                 weights))(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    rng = np.random.default_rng(seed)
+    losses, t0 = [], time.perf_counter()
+    for i in range(steps):
+        params, state, loss = step(params, state, *batches(rng))
+        if (i + 1) % log_every == 0 or i == 0 or i == steps - 1:
+            losses.append((i + 1, float(loss)))
+            if log:
+                log(f"step {i + 1:5d}  loss {float(loss):.4f}  {time.perf_counter() - t0:6.1f}s")
+    return Model(cfg, full(params)), losses
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def induction_batches(d_vocab: int, n_ctx: int, batch: int = 64, first_id: int = 2,
+                      min_len: int = 4, max_len: int | None = None):
+    """Random tokens with one repeated segment at a random offset and length.
+
+    Row: ``[bos] prefix R R suffix`` (ids from ``first_id..d_vocab-1``); loss only where the
+    next token is predictable by induction (inside the second copy of ``R``).
+    """
+    max_len = max_len or (n_ctx - 1) // 2
+
+    def make(rng: np.random.Generator) -> Batch:
+        seq = rng.integers(first_id, d_vocab, (batch, n_ctx + 1))
+        seq[:, 0] = 0
+        weights = np.zeros((batch, n_ctx), np.float32)
+        for b in range(batch):
+            n = int(rng.integers(min_len, max_len + 1))
+            start = 1 + int(rng.integers(0, n_ctx + 1 - 1 - 2 * n + 1))
+            seq[b, start + n: start + 2 * n] = seq[b, start: start + n]
+            # position p predicts p + 1; predictable targets are start+n+1 .. start+2n-1
+            weights[b, start + n: start + 2 * n - 1] = 1.0
+        return seq[:, :-1].astype(np.int32), seq[:, 1:].astype(np.int32), weights
+
+    return make
+
+
+IOI_LEN = 15  # toy IOI prompt length with bos; the IO answer follows position 14
+
+
+def _toy_arrays(split: str):
+    tok = tasks.toy_ioi_tokenizer()
+    rows = []
+    for t in tasks.toy_ioi_templates(split):
+        words = t.format(N1="Mary", N2="John", S="John", PLACE="store", OBJECT="drink").split()
+        rows.append([0] + [tok.token_to_id(w) for w in words])
+    templates = np.array(rows, np.int32)
+    if templates.shape[1] != IOI_LEN:
+        raise AssertionError("toy IOI templates must all be 15 tokens")
+    ids = lambda words: np.array([tok.token_to_id(w) for w in words], np.int32)
+    names = ids(tasks.TOY_NAMES)
+    pairs = [(i, j) for i in range(len(names)) for j in range(len(names)) if i != j
+             and tasks.toy_name_pair_held_out(tasks.TOY_NAMES[i], tasks.TOY_NAMES[j])
+             == (split == "test")]
+    return templates, names, np.array(pairs), ids(tasks.TOY_PLACES), ids(tasks.TOY_OBJECTS)
+
+
+def ioi_batches(batch: int = 128, answer_weight: float = 1.0):
+    """Training IOI sentences (training templates and name pairs) with the IO answer appended.
+
+    Loss: next-token cross-entropy at every position, plus `answer_weight` times (the number of
+    positions) extra weight on the IO answer, so half the loss is the IOI prediction.
+    """
+    templates, names, pairs, places, objects = _toy_arrays("train")
+    n_pos = IOI_LEN
+
+    def make(rng: np.random.Generator) -> Batch:
+        seq = templates[rng.integers(len(templates), size=batch)].copy()
+        pr = pairs[rng.integers(len(pairs), size=batch)]
+        io, s = names[pr[:, 0]], names[pr[:, 1]]
+        abba = rng.random(batch) < 0.5
+        seq[:, 2] = np.where(abba, io, s)
+        seq[:, 4] = np.where(abba, s, io)
+        seq[:, 10] = s
+        seq[:, 8] = places[rng.integers(len(places), size=batch)]
+        seq[:, 13] = objects[rng.integers(len(objects), size=batch)]
+        full = np.concatenate([seq, io[:, None]], axis=1)
+        weights = np.ones((batch, n_pos), np.float32)
+        weights[:, -1] += answer_weight * n_pos
+        return full[:, :-1], full[:, 1:], weights
+
+    return make
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and patching evidence
+
+
+def answer_logit_diff(model: Model, task: Task, tokens=None) -> np.ndarray:
+    """Per-prompt logit diff ``[batch]`` at the answer position."""
+    tokens = task.clean_tokens if tokens is None else tokens
+    logits = model.run(tokens, task.attention_mask, logit_positions=task.answer_positions)[0]
+    pick = lambda a: jnp.take_along_axis(logits, a, -1).mean(-1)
+    return np.asarray(pick(task.correct_tokens) - pick(task.incorrect_tokens))
+
+
+def accuracy(model: Model, task: Task) -> float:
+    """Fraction of prompts whose top answer-position token is the (first) correct answer."""
+    logits = model.run(task.clean_tokens, task.attention_mask,
+                       logit_positions=task.answer_positions)[0]
+    return float((np.asarray(logits.argmax(-1)) == np.asarray(task.correct_tokens[:, 0])).mean())
+
+
+def head_patching(model: Model, task: Task) -> np.ndarray:
+    """Exact denoising per head: patch one head's clean ``hook_z`` (all positions) into the
+    corrupted run; ``[n_layers, n_heads]`` normalised logit diff (0 = corrupt, 1 = clean)."""
+    _, cache = model.run(task.clean_tokens, task.attention_mask, cache_keys=("attn.hook_z",))
+    clean_z = cache["attn.hook_z"]
+    ld_clean = answer_logit_diff(model, task).mean()
+    ld_corrupt = answer_logit_diff(model, task, task.corrupt_tokens).mean()
+    L, H = model.config.n_layers, model.config.n_heads
+    out = np.zeros((L, H))
+    for layer in range(L):
+        for head in range(H):
+            mask = np.zeros((L, 1, 1, H, 1), bool)
+            mask[layer, :, :, head] = True
+            iv = Interventions(patch={"attn.hook_z": Patch(jnp.asarray(mask), clean_z)})
+            logits = model.run(task.corrupt_tokens, task.attention_mask, iv,
+                               logit_positions=task.answer_positions)[0]
+            pick = lambda a, lg=logits: jnp.take_along_axis(lg, a, -1).mean(-1)
+            ld = float((pick(task.correct_tokens) - pick(task.incorrect_tokens)).mean())
+            out[layer, head] = (ld - ld_corrupt) / (ld_clean - ld_corrupt)
+    return out
+
+
+def resid_patching(model: Model, task: Task) -> np.ndarray:
+    """Exact denoising of ``hook_resid_pre`` per (layer, position): ``[n_layers, pos]``,
+    normalised as in :func:`head_patching`."""
+    _, cache = model.run(task.clean_tokens, task.attention_mask, cache_keys=("hook_resid_pre",))
+    clean = cache["hook_resid_pre"]
+    ld_clean = answer_logit_diff(model, task).mean()
+    ld_corrupt = answer_logit_diff(model, task, task.corrupt_tokens).mean()
+    L, P = model.config.n_layers, task.n_pos
+    out = np.zeros((L, P))
+    for layer in range(L):
+        for pos in range(P):
+            mask = np.zeros((L, 1, P, 1), bool)
+            mask[layer, :, pos] = True
+            iv = Interventions(patch={"hook_resid_pre": Patch(jnp.asarray(mask), clean)})
+            logits = model.run(task.corrupt_tokens, task.attention_mask, iv,
+                               logit_positions=task.answer_positions)[0]
+            pick = lambda a, lg=logits: jnp.take_along_axis(lg, a, -1).mean(-1)
+            ld = float((pick(task.correct_tokens) - pick(task.incorrect_tokens)).mean())
+            out[layer, pos] = (ld - ld_corrupt) / (ld_clean - ld_corrupt)
+    return out
+
+
+def head_direct_logits(model: Model, task: Task) -> tuple[np.ndarray, np.ndarray]:
+    """Direct logit attribution of each head at the answer position on the clean prompts:
+    ``(to correct, to incorrect)``, each ``[n_layers, n_heads]`` (batch mean; the final
+    LayerNorm's scale frozen at its clean value)."""
+    cfg, p = model.config, model.params
+    _, cache = model.run(task.clean_tokens, task.attention_mask,
+                         cache_keys=("attn.hook_z", "hook_resid_post"))
+    b = np.arange(task.batch)
+    pos = np.asarray(task.answer_positions)
+    z = np.asarray(cache["attn.hook_z"])[:, b, pos]  # [L, B, H, dh]
+    out = np.einsum("lbhe,lhed->lbhd", z, np.asarray(p["blocks"]["W_O"]))
+    final = np.asarray(cache["hook_resid_post"])[-1, b, pos]  # [B, d]
+    scale = np.sqrt(final.var(-1) + cfg.layer_norm_eps)  # [B]
+    out = (out - out.mean(-1, keepdims=True)) / scale[None, :, None, None] * np.asarray(p["ln_f_w"])
+    W_U = np.asarray(p["W_U"])
+
+    def to(tokens):
+        dirs = W_U[:, np.asarray(tokens)].mean(-1).T  # [B, d]
+        return np.einsum("lbhd,bd->lh", out, dirs) / task.batch
+
+    return to(task.correct_tokens), to(task.incorrect_tokens)
+
+
+def patterns(model: Model, tokens) -> np.ndarray:
+    """Attention patterns ``[n_layers, batch, head, query, key]``."""
+    return np.asarray(model.run(tokens, cache_keys=("attn.hook_pattern",))[1]["attn.hook_pattern"])
+
+
+def induction_scores(model: Model, seq_len: int = 20, n: int = 64, first_id: int = 2,
+                     seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """On ``[bos] R R`` (``R`` of `seq_len` distinct random tokens): per head ``[L, H]``,
+    (induction score, previous-token score): mean attention from each second-copy token to the
+    token after its first occurrence, and mean attention from each token to the one before."""
+    t = tasks.induction_task(n, seq_len, list(range(first_id, model.config.d_vocab)), 0, seed,
+                             n_repeated=seq_len - 1)
+    tokens = np.concatenate([np.asarray(t.clean_tokens), np.asarray(t.correct_tokens)], 1)
+    pat = patterns(model, jnp.asarray(tokens))  # [L, B, H, q, k]
+    q2 = np.arange(1 + seq_len, 1 + 2 * seq_len)
+    induction = pat[:, :, :, q2, q2 - seq_len + 1].mean(axis=(1, 3))
+    q = np.arange(2, tokens.shape[1])
+    prev = pat[:, :, :, q, q - 1].mean(axis=(1, 3))
+    return induction, prev
+
+
+def _n_params(model: Model) -> int:
+    """Parameters, counting tied embeddings once."""
+    n = sum(x.size for x in jax.tree.leaves(model.params))
+    return n - model.params["W_U"].size if model.config.tie_word_embeddings else n
+
+
+def _table(arr: np.ndarray, row: str, cols: list[str]) -> str:
+    lines = ["| " + row + " | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+    for i, r in enumerate(arr):
+        lines.append(f"| {i} | " + " | ".join(f"{v:+.2f}" for v in r) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes
+
+INDUCTION_CFG = GPT2Config(n_layers=2, d_model=64, n_heads=4, d_mlp=256, n_ctx=48, d_vocab=66,
+                           attn_only=True)
+INDUCTION_RECIPE = dict(steps=3000, lr=1e-3, seed=0, warmup=100, batch=64)
+IOI_CFG = GPT2Config(n_layers=4, d_model=128, n_heads=4, d_mlp=512, n_ctx=16,
+                     d_vocab=len(tasks.TOY_IOI_WORDS))
+IOI_RECIPE = dict(steps=1200, lr=1e-3, seed=0, warmup=100, batch=64)
+
+
+def build_induction(out: Path, steps: int | None = None, **recipe) -> dict:
+    """Train, evaluate and save the attention-only induction model; returns the metrics."""
+    cfg, rc = INDUCTION_CFG, dict(INDUCTION_RECIPE) | recipe
+    rc["steps"] = steps or rc["steps"]
+    t0 = time.perf_counter()
+    model, losses = train(cfg, induction_batches(cfg.d_vocab, cfg.n_ctx, rc["batch"]),
+                          rc["steps"], rc["lr"], rc["seed"], rc["warmup"])
+    train_s = time.perf_counter() - t0
+    task_args = dict(n_prompts=64, seq_len=10, vocab=list(range(2, cfg.d_vocab)), bos_id=0,
+                     seed=0)
+    task = tasks.induction_task(**task_args)
+    ld = answer_logit_diff(model, task)
+    ld_corrupt = answer_logit_diff(model, task, task.corrupt_tokens)
+    acc = accuracy(model, task)
+    ind, prev = induction_scores(model)
+    heads = head_patching(model, task)
+    resid = resid_patching(model, task)
+    key_task = tasks.induction_task(**task_args, corrupt="previous")
+    heads_key = head_patching(model, key_task)
+    resid_key = resid_patching(model, key_task)
+    words = ["<bos>", "<unk>"] + [f"t{i}" for i in range(2, cfg.d_vocab)]
+    tok = word_level_tokenizer(words)
+    H = cfg.n_heads
+    pt = lambda a: (int(np.unravel_index(a.argmax(), a.shape)[0]),
+                    int(np.unravel_index(a.argmax(), a.shape)[1]))
+    best_ind, best_prev = pt(ind), pt(prev)
+    metrics = dict(train_seconds=round(train_s, 1), final_loss=round(losses[-1][1], 4),
+                   accuracy=acc, logit_diff_clean=float(ld.mean()),
+                   logit_diff_corrupt=float(ld_corrupt.mean()),
+                   top_induction_head=best_ind, top_previous_token_head=best_prev,
+                   induction_scores=ind.round(3).tolist(), previous_token_scores=prev.round(3).tolist(),
+                   head_patching=heads.round(3).tolist(),
+                   head_patching_previous=heads_key.round(3).tolist())
+    shown_args = json.dumps({k: v for k, v in task_args.items() if k != "vocab"})
+    card = f"""# attn-only-2l-induction
+
+A 2-layer **attention-only** GPT-2-style transformer (LayerNorm before attention and at the end,
+no MLPs) trained from scratch on repeated random tokens. It forms the classic two-head induction
+circuit: a previous-token head in layer 0 and an induction head in layer 1 that composes with it.
+
+## Architecture
+
+`{json.dumps(dataclasses.asdict(cfg))}` ({_n_params(model):,} parameters, tied embeddings).
+Vocabulary: `<bos>` (0), `<unk>` (1), `t2` .. `t{cfg.d_vocab - 1}` (word-level `tokenizer.json`).
+
+## Data and recipe
+
+Each training row is `[bos] prefix R R suffix` of {cfg.n_ctx} tokens, all uniform random ids
+2..{cfg.d_vocab - 1}, with one segment `R` (length 4..{(cfg.n_ctx - 1) // 2}, random offset)
+repeated; the loss is next-token cross-entropy only where induction can predict the next token
+(inside the second copy). AdamW (weight decay 0.01), lr {rc['lr']} with {rc['warmup']} warmup
+steps and cosine decay, gradient clipping 1, batch {rc['batch']}, {rc['steps']} steps, seed
+{rc['seed']}. Reproduce: `python -m attrpatch.train induction --out models/attn-only-2l-induction`
+({train_s:.0f} s of training on this 2-core CPU shared with other jobs; final loss {losses[-1][1]:.3f}).
+
+## Behaviour (task: `attrpatch_task.json`, `induction_task(**{shown_args}, vocab=2..{cfg.d_vocab - 1})`)
+
+`[bos] R R[:9]` with `R` 10 distinct random tokens; answer `R[9]`; the corrupted prompt replaces
+the first occurrence of `R[9]` with a fresh token `c` (incorrect answer `c`).
+
+- top-1 accuracy on clean prompts: **{acc:.3f}**
+- logit diff (correct - incorrect): clean **{ld.mean():+.2f}**, corrupted **{ld_corrupt.mean():+.2f}**
+
+## Attention scores (on `[bos] R R`, `R` of 20 tokens)
+
+Induction score (attention from each second-copy token to the token after its first occurrence):
+
+{_table(ind, 'layer', [f'head {h}' for h in range(H)])}
+
+Previous-token score (attention to the immediately preceding token):
+
+{_table(prev, 'layer', [f'head {h}' for h in range(H)])}
+
+Top previous-token head: L{best_prev[0]}H{best_prev[1]}; top induction head: L{best_ind[0]}H{best_ind[1]}.
+
+## Exact patching evidence
+
+Denoising (clean activation patched into the corrupted run), normalised logit diff
+(0 = corrupted, 1 = clean), computed by exact patching on the task above.
+
+Per head (`attn.hook_z`, all positions):
+
+{_table(heads, 'layer', [f'head {h}' for h in range(H)])}
+
+Residual stream (`hook_resid_pre`) per layer and position (position 0 is `bos`, the first
+occurrence of the answer is at position 10, the answer position is {task.n_pos - 1}):
+
+{_table(resid[:, 8:], 'layer', [f'pos {p}' for p in range(8, task.n_pos)])}
+
+This corruption changes the *value* the induction head copies (the token at position 10), so
+the layer-0 heads that matter are those writing the current token into position 10, not the
+previous-token head (whose output at position 10 is the same in both runs). To test the *key*
+side, corrupt the token before the first occurrence instead (`corrupt="previous"`: position 9);
+the induction head then has nothing to match, and the previous-token head's output at
+position 10 is what restores it:
+
+{_table(heads_key, 'layer', [f'head {h}' for h in range(H)])}
+
+{_table(resid_key[:, 8:], 'layer', [f'pos {p}' for p in range(8, task.n_pos)])}
+"""
+    save_model(model, out, extra_files={
+        "README.md": card,
+        "tokenizer.json": tok.to_str(pretty=True),
+        tasks.TASK_FILE: tasks.task_spec_json("induction", **task_args),
+        "metrics.json": json.dumps(metrics, indent=2) + "\n",
+    })
+    return metrics
+
+
+IOI_POS = ["bos", "opener", "N1", "and", "N2", "move", "move", "move", "place", ",", "S2", "verb",
+           "a", "object", "to"]
+
+
+def build_ioi(out: Path, steps: int | None = None, **recipe) -> dict:
+    """Train, evaluate and save the 4-layer IOI model; returns the metrics."""
+    cfg, rc = IOI_CFG, dict(IOI_RECIPE) | recipe
+    rc["steps"] = steps or rc["steps"]
+    t0 = time.perf_counter()
+    model, losses = train(cfg, ioi_batches(rc["batch"]), rc["steps"], rc["lr"], rc["seed"],
+                          rc["warmup"])
+    train_s = time.perf_counter() - t0
+    task_args = dict(n_prompts=64, seed=0, split="test", corruption="abc")
+    task = tasks.toy_ioi_task(**task_args)
+    big = tasks.toy_ioi_task(1000, seed=1, split="test")
+    train_task = tasks.toy_ioi_task(1000, seed=1, split="train")
+    acc_test, acc_train = accuracy(model, big), accuracy(model, train_task)
+    ld_test = answer_logit_diff(model, big)
+    ld = answer_logit_diff(model, task)
+    ld_corrupt = answer_logit_diff(model, task, task.corrupt_tokens)
+    heads = head_patching(model, task)
+    resid = resid_patching(model, task)
+    dla_io, dla_s = head_direct_logits(model, big)
+    abba = tasks.toy_ioi_task(64, seed=0, split="test", order="ABBA")
+    pat = patterns(model, abba.clean_tokens)[:, :, :, 14]  # [L, B, H, key] from "to"
+    to_io, to_s1, to_s2 = pat[..., 2].mean(1), pat[..., 4].mean(1), pat[..., 10].mean(1)
+    swap = tasks.toy_ioi_task(64, seed=0, split="test", corruption="name_swap")
+    heads_swap = head_patching(model, swap)
+    H = cfg.n_heads
+    cols = [f"head {h}" for h in range(H)]
+    ranked = sorted(((abs(heads[l_, h]), l_, h) for l_ in range(cfg.n_layers) for h in range(H)),
+                    reverse=True)
+    top = [f"L{l_}H{h} ({heads[l_, h]:+.2f})" for _, l_, h in ranked[:5]]
+    (_, l1, h1), (_, l2, h2) = ranked[:2]
+    where = ["S2 (position 10)" if to_s2[l1, h1] > 0.5 else "IO" if to_io[l1, h1] > 0.5
+             else "S1" if to_s1[l1, h1] > 0.5 else "no single name"][0]
+    best_pos = [IOI_POS[int(np.argmax(r))] for r in resid]
+    narrative = (
+        f"The largest single head is L{l1}H{h1} (denoising {heads[l1, h1]:+.2f} with ABC, "
+        f"{heads_swap[l1, h1]:+.2f} with name swap); from `to` it attends mostly to {where} "
+        f"(IO {to_io[l1, h1]:.2f}, S1 {to_s1[l1, h1]:.2f}, S2 {to_s2[l1, h1]:.2f}) and writes "
+        f"{dla_io[l1, h1]:+.2f} directly to the IO logit and {dla_s[l1, h1]:+.2f} to the S logit. "
+        f"Next is L{l2}H{h2} ({heads[l2, h2]:+.2f}; direct IO {dla_io[l2, h2]:+.2f}, "
+        f"S {dla_s[l2, h2]:+.2f}). The residual-stream patch that restores most, per layer, is at "
+        f"{', '.join(f'L{i}: {w}' for i, w in enumerate(best_pos))}."
+    )
+    metrics = dict(train_seconds=round(train_s, 1), final_loss=round(losses[-1][1], 4),
+                   heldout_accuracy=acc_test, train_accuracy=acc_train,
+                   heldout_logit_diff=float(ld_test.mean()),
+                   task_logit_diff_clean=float(ld.mean()),
+                   task_logit_diff_corrupt=float(ld_corrupt.mean()),
+                   head_patching_abc=heads.round(3).tolist(),
+                   head_patching_name_swap=heads_swap.round(3).tolist(),
+                   resid_patching_abc=resid.round(3).tolist(),
+                   direct_logit_io=dla_io.round(3).tolist(),
+                   direct_logit_s=dla_s.round(3).tolist(),
+                   attention_to_io=to_io.round(3).tolist(), attention_to_s1=to_s1.round(3).tolist(),
+                   attention_to_s2=to_s2.round(3).tolist())
+    card = f"""# ioi-gpt2-4l
+
+A 4-layer GPT-2 (attention + MLP blocks, pre-LayerNorm, GELU) trained from scratch on templated
+indirect-object-identification (IOI) sentences over a small word-level vocabulary. It is the
+demo's default model: small enough to patch exhaustively on a laptop, with a real IOI circuit.
+
+## Architecture
+
+`{json.dumps(dataclasses.asdict(cfg))}` ({_n_params(model):,} parameters, tied embeddings).
+Vocabulary ({cfg.d_vocab} words, `tokenizer.json`, WordLevel + whitespace pre-tokenizer):
+`<bos>` `<pad>` `<unk>`, template words, {len(tasks.TOY_NAMES)} names, {len(tasks.TOY_PLACES)} places,
+{len(tasks.TOY_OBJECTS)} objects (`attrpatch.tasks.TOY_IOI_WORDS`).
+
+## Data
+
+Sentences `<bos> OPENER N1 and N2 MOVE MOVE MOVE PLACE , S VERB a OBJECT to IO` (15 tokens + the
+answer): `{len(tasks.TOY_OPENERS)}` openers x {len(tasks.TOY_MOVES)} three-word movement phrases x
+{len(tasks.TOY_VERBS)} giving verbs = 800 templates, of which 160 combinations are **held out**
+(`toy_ioi_templates("test")`), and about 1 in 6 unordered name pairs are **held out**
+(`toy_name_pair_held_out`). ABBA and BABA orders equally often. Every word is seen in training;
+held-out prompts combine them in ways never trained on.
+
+## Recipe
+
+Next-token cross-entropy over every position, plus the IO-answer position weighted so it is half
+of the loss. AdamW (weight decay 0.01), lr {rc['lr']}, {rc['warmup']} warmup steps, cosine decay,
+gradient clipping 1, batch {rc['batch']}, {rc['steps']} steps, seed {rc['seed']}. Reproduce:
+`python -m attrpatch.train ioi --out models/ioi-gpt2-4l` ({train_s:.0f} s of training on this
+2-core CPU shared with other jobs; final loss {losses[-1][1]:.3f}, of which about half is the
+irreducible uncertainty of which names appear).
+
+## Behaviour
+
+- held-out templates and name pairs (1000 prompts): top-1 accuracy **{acc_test:.3f}**, logit
+  diff IO - S **{ld_test.mean():+.2f}**; training distribution: accuracy {acc_train:.3f}
+- default task (`attrpatch_task.json`: `toy_ioi_task(**{json.dumps(task_args)})`, ABC corruption):
+  logit diff clean **{ld.mean():+.2f}**, corrupted **{ld_corrupt.mean():+.2f}**
+
+## Mechanism evidence (exact patching)
+
+{narrative}
+
+Denoising, normalised logit diff (0 = corrupted, 1 = clean), one head's `hook_z` at all
+positions patched from clean into corrupted (ABC corruption: the three name slots get fresh
+names). Largest: {', '.join(top)}.
+
+{_table(heads, 'layer', cols)}
+
+The same with the `name_swap` corruption (S2 replaced by the IO name, which flips the answer):
+
+{_table(heads_swap, 'layer', cols)}
+
+Residual stream `hook_resid_pre` per layer (rows) and position (ABC corruption; one position
+patched at a time, so restoring one of the three changed names cannot restore everything):
+
+| layer | {' | '.join(IOI_POS)} |
+|{' --- |' * (len(IOI_POS) + 1)}
+""" + "\n".join(f"| {i} | " + " | ".join(f"{v:+.2f}" for v in r) + " |"
+                for i, r in enumerate(resid)) + f"""
+
+Direct logit attribution per head at `to` (clean held-out prompts; final LayerNorm scale
+frozen), to the IO logit
+
+{_table(dla_io, 'layer', cols)}
+
+and to the S logit
+
+{_table(dla_s, 'layer', cols)}
+
+Attention from the final `to` (ABBA prompts, IO at position 2, S1 at 4, S2 at 10): to IO
+
+{_table(to_io, 'layer', cols)}
+
+to S1
+
+{_table(to_s1, 'layer', cols)}
+
+to S2
+
+{_table(to_s2, 'layer', cols)}
+"""
+    save_model(model, out, extra_files={
+        "README.md": card,
+        "tokenizer.json": tasks.toy_ioi_tokenizer().to_str(pretty=True),
+        tasks.TASK_FILE: tasks.task_spec_json("toy_ioi", **task_args),
+        "metrics.json": json.dumps(metrics, indent=2) + "\n",
+    })
+    return metrics
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m attrpatch.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=["induction", "ioi"])
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    args = parser.parse_args(argv)
+    build = build_induction if args.which == "induction" else build_ioi
+    metrics = build(Path(args.out), args.steps)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
