@@ -47,8 +47,9 @@ SITES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "post": (("post",), ("post_by_pos",)),
 }
 DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "z")
-MLP_SITE_NAMES = ("resid_mid", "mlp_out", "post")
-DEMO_SITES = ("resid_pre", "attn_out", "mlp_out", "z", "q", "k")
+DEMO_RANDOM_NEURONS = 32  # exact-verify this many random neurons outside AtP's top 64
+MLP_SITE_NAMES = ("resid_mid", "mlp_out", "post", "post_by_pos")
+DEMO_SITES = ("resid_pre", "attn_out", "mlp_out", "z", "z_by_pos", "q", "k", "post")
 DEFAULT_MODEL = "ioi-gpt2-4l"
 
 
@@ -300,7 +301,14 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
                  run: dict, thresholds, verify_top=None, verify_random=None, seed=0,
                  quiet=False) -> dict:
     """AtP / exact / budgeted verification, diagnostics, validation, outputs (atomic)."""
-    from attrpatch.validation import budget_report, budget_sample, diagnose, validate, verify_budgeted
+    from attrpatch.validation import (
+        budget_report,
+        budget_sample,
+        diagnose,
+        validate,
+        verify_budgeted,
+        verify_random_rest,
+    )
 
     staging = _staging_dir(out)
     try:
@@ -329,7 +337,11 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
             timings["exact_s"] = round(time.perf_counter() - t0, 3)
         if atp is not None and (verify_top or verify_random):
             t0 = time.perf_counter()
-            if exact is None:
+            if exact is not None and verify_top is None:
+                # exact covers some components only (neurons): sample the uncovered ones
+                budget = verify_random_rest(model, task, atp, exact, verify_random, seed,
+                                            thresholds)
+            elif exact is None:
                 exact, budget = verify_budgeted(model, task, atp, verify_top or 0,
                                                 verify_random or 0, seed, thresholds)
             else:
@@ -407,7 +419,7 @@ def cmd_demo(args) -> int:
            "n_pos": task.n_pos}
     out = Path(args.out)
     summary = run_pipeline(model, model_dir, task, grans, ("atp", "exact"), "denoise", None, out,
-                           run, thresholds, quiet=args.quiet)
+                           run, thresholds, verify_random=DEMO_RANDOM_NEURONS, quiet=args.quiet)
     print_summary(summary, out)
     print(f"demo wall time {time.perf_counter() - t_start:.1f}s")
     return 0

@@ -720,3 +720,34 @@ def verify_budgeted(model, task, atp: PatchResults, top_k: int = 10, n_random: i
         reports[g] = budget_report(g, a, values, top, rand, threshold)
     exact = PatchResults("exact", atp.direction, atp.metric, base, source, scores)
     return exact, reports
+
+
+def verify_random_rest(model, task, atp: PatchResults, exact: PatchResults, n_random: int = 32,
+                       seed: int = 0, thresholds: Thresholds = Thresholds(),
+                       ) -> dict[str, BudgetReport]:
+    """For granularities where `exact` covers only some components (e.g. neurons verified for
+    AtP's top ones), exact-patch `n_random` random uncovered ones too and estimate what the
+    uncovered rest hides. Fills those entries of `exact` in place.
+
+    **Returns:** a :class:`BudgetReport` per granularity that had uncovered components (its
+    `top` = the components `exact` already covered).
+    """
+    reports = {}
+    rng = np.random.default_rng(seed)
+    threshold = thresholds.large * max(abs(exact.gap), thresholds.min_gap)
+    for g in exact.scores:
+        if g not in atp.scores:
+            continue
+        values = np.array(exact[g], float)
+        missing = np.flatnonzero(~np.isfinite(values))
+        if not len(missing):
+            continue
+        covered = np.stack(np.unravel_index(np.flatnonzero(np.isfinite(values)), values.shape), -1)
+        pick = np.sort(rng.choice(missing, size=min(n_random, len(missing)), replace=False))
+        rand = np.stack(np.unravel_index(pick, values.shape), -1)
+        eff, _, _ = exact_components(model, task, g, rand, exact.direction, exact.metric)
+        for i, v in zip(rand, eff, strict=True):
+            values[tuple(i)] = v
+        exact.scores[g] = Scores(g, values, exact.scores[g].per_prompt)
+        reports[g] = budget_report(g, atp[g], values, covered, rand, threshold)
+    return reports

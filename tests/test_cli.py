@@ -18,6 +18,7 @@ from attrpatch.data import DataError, load_task
 
 N_VOCAB = 61
 WORDS = ["<unk>"] + [f"w{i}" for i in range(1, N_VOCAB - 1)] + ["<bos>"]
+DEMO_GRANS = ("resid_pre", "attn_out", "mlp_out", "z", "z_by_pos", "q", "k", "post")
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "ioi-gpt2-4l"
 
 
@@ -130,9 +131,14 @@ def test_demo_and_python_m(ckpt, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "report:" in proc.stdout
-    summary, _, html = _check_outputs(out, grans=("resid_pre", "attn_out", "mlp_out", "z", "q", "k"))
+    summary, _, html = _check_outputs(out, grans=DEMO_GRANS)
     # a tokenizer exists: axes carry token strings
     assert summary["tokens"] and all(isinstance(t, str) for t in summary["tokens"])
+    # neurons: exact on AtP's top 64 plus 32 random others, with the missed-effect estimate
+    b = summary["budget"]["post"]
+    assert len(b["top"]) == 64 and len(b["random"]) == 32 and b["n_components"] == 2 * 128
+    with np.load(out / "results.npz") as f:
+        assert np.isfinite(f["exact/post"]).sum() == 96
 
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="shipped IOI model not built")
@@ -142,12 +148,11 @@ def test_demo_shipped_model(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "attrpatch", "demo", "--out", str(out), "--quiet"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    summary, _, html = _check_outputs(
-        out, grans=("resid_pre", "attn_out", "mlp_out", "z", "q", "k"))
+    summary, _, html = _check_outputs(out, grans=DEMO_GRANS)
     assert Path(summary["run"]["model"]).resolve() == SHIPPED
     assert abs(summary["exact"]["gap"]) > 0.5  # a trained model: clean and corrupt differ
     assert set(summary["validation"]["verdicts"]) == {
-        "residual stream", "attention outputs", "MLP outputs", "heads", "q/k/v"}
+        "residual stream", "attention outputs", "MLP outputs", "heads", "q/k/v", "neurons"}
 
 
 def test_sites_mapping():
