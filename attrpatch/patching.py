@@ -506,7 +506,7 @@ def _run_bucket(model, task, reference, metric_fn, gran, layer, start, idx, base
     """Metric ``[len(idx), batch]`` for the variants `idx` of `gran` at `layer`, from `start`."""
     key = GRANULARITIES[gran][0]
     n = len(idx)
-    bs = min(batch_size, n)
+    bs = -(-n // -(-n // batch_size))  # equal chunks of <= batch_size: little padding
     pad = (-n) % bs
     idx = np.concatenate([idx, np.repeat(idx[:1], pad, 0)]) if pad else idx
     prefix_kv = None

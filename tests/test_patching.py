@@ -263,3 +263,19 @@ def test_bad_tokens_error(tiny_model):
     task = Task(np.full((2, 5), 70), np.full((2, 5), 3), [1, 2], [3, 4])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         patch(model, task, progress=False)
+
+
+def test_progress_bar_reports_eta(capsys):
+    from attrpatch.patching import _Progress
+
+    bar = _Progress(total=4, enabled=True, delay=0.0)
+    bar.update(1, "resid_pre L0")
+    bar.last = 0.0  # let the next update print at once
+    bar.update(3, "resid_pre L1")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "ETA" in err and "100.0%" in err and err.endswith("\n")
+    quiet = _Progress(total=4, enabled=False, delay=0.0)
+    quiet.update(4, "x")
+    quiet.close()
+    assert capsys.readouterr().err == ""
