@@ -223,7 +223,8 @@ def write_report(out_dir: str | Path, summary: dict, figures: Sequence[Path],
         t = validation.thresholds
         h.append(f"<p>gap (source - base metric) = {validation.gap:.4g}; effects compared in units "
                  f"of {validation.unit:.4g}. Reliable: Pearson &ge; {t.reliable_pearson} and no "
-                 f"high-severity flag; caution: Pearson &ge; {t.caution_pearson}.</p>")
+                 f"high-severity flag, or every |AtP - exact| below {t.small:g} of the unit and "
+                 f"no flag; caution: Pearson &ge; {t.caution_pearson}; else unreliable.</p>")
         h.append(f"<h2>Flags ({len(validation.flags)}), by severity</h2>")
         if validation.flags:
             h.append("<table><tr><th>component</th><th>kind</th><th>severity</th><th>AtP</th>"

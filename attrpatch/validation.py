@@ -87,8 +87,9 @@ class Thresholds:
       metric is saturated when at least `metric_saturation_share` of prompts are (default 0.5).
 
     Agreement: `top_k` (5, 10) and `top_share` (0.05) give the top-K recalls; the verdict per
-    family is "reliable" with Pearson >= `reliable_pearson` (0.95) and no high-severity flag,
-    "caution" with Pearson >= `caution_pearson` (0.8), else "unreliable".
+    family is "reliable" with Pearson >= `reliable_pearson` (0.95) and no high-severity flag, or
+    when every |AtP - exact| is below `small` and nothing is flagged; "caution" with Pearson >=
+    `caution_pearson` (0.8); else "unreliable".
 
     `min_gap`: below this |gap| (metric units) the unit is max |exact| instead (default 1e-6).
     """
@@ -567,9 +568,11 @@ def validate(atp: PatchResults, exact: PatchResults, diagnostics: Diagnostics | 
         stats["n_high"] = sum(f.level == "high" for f in fam_flags)
         by_family[fam] = stats
         r = stats["pearson"]
-        if stats["n"] and not np.isfinite(r):  # constant: agree only if both are ~equal
-            ok = stats["max_abs_error"] <= t.small * unit
-            verdicts[fam] = "reliable" if ok and not fam_flags else "caution"
+        negligible = stats["n"] and stats["max_abs_error"] <= t.small * unit
+        if negligible and not fam_flags:  # every error is negligible next to the gap
+            verdicts[fam] = "reliable"
+        elif stats["n"] and not np.isfinite(r):  # constant and not negligible
+            verdicts[fam] = "caution"
         elif r >= t.reliable_pearson and stats["n_high"] == 0:
             verdicts[fam] = "reliable"
         elif r >= t.caution_pearson:

@@ -115,6 +115,13 @@ def test_agreeing_components_not_flagged_and_thresholds_override():
     assert [f.index for f in v.flags] == [(0, 0)]
     loose = Thresholds().replace(large=0.5)
     assert validate(results("atp", {"z": atp}), results("exact", {"z": exact}), thresholds=loose).flags == []
+    # uncorrelated but negligible next to the gap (|err| < 0.02 * 2): reliable, not flagged
+    tiny_e, tiny_a = 1e-3 * rng.normal(size=(3, 4)), 1e-3 * rng.normal(size=(3, 4))
+    v = validate(results("atp", {"z": tiny_a}), results("exact", {"z": tiny_e}))
+    assert abs(v.by_family["heads"]["pearson"]) < 0.95 and v.verdicts["heads"] == "reliable"
+    v = validate(results("atp", {"z": 10 * tiny_a}), results("exact", {"z": 10 * tiny_e}),
+                 thresholds=Thresholds(small=0.001))
+    assert v.verdicts["heads"] in ("caution", "unreliable")
     with pytest.raises(ValueError, match="unknown threshold"):
         Thresholds().replace(not_a_threshold=1)
 
