@@ -251,8 +251,15 @@ def write_report(out_dir: str | Path, summary: dict, figures: Sequence[Path],
                      f"<td>{len(b['random'])}</td><td>{_fmt(b['threshold'])}</td>"
                      f"<td>{b['random_above']}</td><td>{_fmt(b['missed_estimate'])}</td>"
                      f"<td>{_fmt(b['missed_upper'])}</td><td>{_fmt(b['max_random_abs'])}</td></tr>")
-        h.append("</table>")
-    h.append("<h2>Figures</h2>")
+        h.append("</table><p>Exact patching ran only on the top K components by |AtP| and R "
+                 "random others. Among the random ones, 'random above' had |exact| &ge; the "
+                 "threshold (a large effect); 'est. missed' scales that share to all components "
+                 "outside the top K, and '95% upper' is its Wilson upper bound: how many large "
+                 "effects AtP may have ranked too low.</p>")
+    h.append("<h2>Figures</h2><p>Heatmaps: AtP and exact side by side on one colour scale "
+             "centred on zero (grey: not computed; boxes: flagged). Scatter plots: AtP against "
+             "exact per site family; points on the dashed line agree; circled points are "
+             "flagged.</p>")
     for p in figures:
         h.append(f"<h3>{html.escape(Path(p).stem.replace('_', ' '))}</h3>{_img(p)}")
     h.append("<h2>Summary JSON</h2><details><summary>show</summary><pre>"
