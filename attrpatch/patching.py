@@ -298,7 +298,7 @@ def _bucket_starts(positions: np.ndarray, n_buckets: int) -> np.ndarray:
 def patch(
     model,
     task: Task,
-    granularities: Sequence[str] | str = ("resid_pre", "attn_out", "mlp_out", "z"),
+    granularities: Sequence[str] | str | None = None,
     direction: str | None = None,
     metric=None,
     source: str = "default",
@@ -317,7 +317,8 @@ def patch(
 
     **Arguments:**
 
-    - `granularities`: names from :data:`attrpatch.results.GRANULARITIES`.
+    - `granularities`: names from :data:`attrpatch.results.GRANULARITIES`; default resid_pre,
+      attn_out, mlp_out (if the model has MLPs) and z.
     - `direction`: ``"denoise"`` (clean activations into the corrupted run) or ``"noise"``
       (corrupted into clean). Default: denoise; ablations are always noise (on the clean run).
     - `metric`: a name from :data:`attrpatch.task.METRICS`, a function
@@ -344,6 +345,9 @@ def patch(
     t_start = time.perf_counter()
     cfg = model.config
     task.check_for(model)
+    if granularities is None:
+        granularities = ("resid_pre", "attn_out", "z") if cfg.attn_only else (
+            "resid_pre", "attn_out", "mlp_out", "z")
     grans = check_granularities(granularities, cfg.attn_only)
     if not grans:
         raise ValueError("granularities: give at least one")

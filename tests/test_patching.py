@@ -279,3 +279,24 @@ def test_progress_bar_reports_eta(capsys):
     quiet.update(4, "x")
     quiet.close()
     assert capsys.readouterr().err == ""
+
+
+def test_attention_only_model_defaults_match_naive():
+    import jax
+
+    from attrpatch import Model
+    from attrpatch.gpt2 import GPT2Config, init_params
+
+    cfg = GPT2Config(n_layers=2, d_model=16, n_heads=2, d_mlp=64, n_ctx=8, d_vocab=61,
+                     attn_only=True)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: x * 10 if x.ndim > 1 else x + 0.1, params)  # non-trivial
+    model = Model(cfg, params)
+    task = make_task(seed=8, n_pos=5, first=1)
+    res = patch(model, task, per_prompt=True, progress=False)
+    assert set(res.scores) == {"resid_pre", "attn_out", "z"}
+    assert np.nanmax(np.abs(res["resid_pre"])) > 1e-3
+    for gran in res.scores:
+        check(res, gran, naive(model, task, gran))
+    with pytest.raises(ValueError, match="attention-only"):
+        patch(model, task, ("mlp_out",), progress=False)
