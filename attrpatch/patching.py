@@ -410,15 +410,15 @@ def patch(
     plan = []
     total = 0.0
     for g in grans:
-        layers = sorted(layer_neurons) if g in needs_neurons else layer_list
-        if not layers:
+        g_layers = sorted(layer_neurons) if g in needs_neurons else layer_list
+        if not g_layers:
             continue
-        comps = {i: _components(g, n_pos, cfg.n_heads, layer_neurons.get(i, ())) for i in layers}
+        comps = {i: _components(g, n_pos, cfg.n_heads, layer_neurons.get(i, ())) for i in g_layers}
         cpos_all = np.concatenate([c[2] for c in comps.values()])
         cpos_all = cpos_all[cpos_all >= 0]
         starts = _bucket_starts(cpos_all[cpos_all >= first_diff.min()], suffix_buckets)
         s_all = int(min(first_diff.min(), n_pos - 1)) if suffix_buckets > 0 else 0
-        for layer in layers:
+        for layer in g_layers:
             grids, idx, cpos = comps[layer]
             inert = np.where(
                 (cpos >= 0)[:, None],
