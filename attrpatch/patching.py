@@ -12,7 +12,7 @@ source). The engine gives the same numbers as a naive "one full forward per patc
   as exact zeros and not run;
 - the variants of one layer run batched (`vmap`, bounded by `lax.map(batch_size=...)`); the
   layers after the patched one run in a loop with a traced start, so one compile serves every
-  layer; logits are computed only at the answer positions.
+  layer; the last block (unless patched) and the unembedding run only at the answer positions.
 """
 
 from __future__ import annotations
@@ -146,14 +146,42 @@ def _sweep(params, layer, resid, source, prefix_kv, keep, answer_idx, idx, task,
         def body(j, x):
             return gpt2.block(at(blocks, j), cfg, x, keep, scales[j], NO_INTERVENTIONS, kv(j))[0]
 
-        x = lax.fori_loop(layer + 1, cfg.n_layers, body, x)
-        x = x[jnp.arange(x.shape[0]), answer_idx]
+        last = cfg.n_layers - 1
+        x = lax.fori_loop(layer + 1, last, body, x)
+        rows = jnp.arange(x.shape[0])
+        # The last block matters only at the answer rows (unless it is the patched one).
+        x = lax.cond(layer < last, lambda x: _last_block_at_answer(
+            at(blocks, last), cfg, x, keep, scales[last], kv(last), answer_idx),
+            lambda x: x[rows, answer_idx], x)
         normed = gpt2.layer_norm(x, params["ln_f_w"], params["ln_f_b"], cfg.layer_norm_eps)
         dt = jnp.promote_types(normed.dtype, jnp.float32)  # as in `gpt2.forward`
         logits = normed.astype(dt) @ params["W_U"].astype(dt)
         return metric_fn(logits, task, reference)
 
     return lax.map(one, idx, batch_size=batch_size)
+
+
+def _last_block_at_answer(p, cfg, x, keep, scale, prefix_kv, answer_idx):
+    """`gpt2.block` output at one row per prompt: ``x [batch, S, d] -> [batch, d]``.
+
+    Keys and values of every position (cached prefix + suffix) become the prefix of a one-row
+    block; the answer row's own copy in that prefix is masked out (the block appends it again).
+    """
+    b, n_suffix, _ = x.shape
+    rows = jnp.arange(b)
+    h = gpt2.layer_norm(x, p["ln1_w"], p["ln1_b"], cfg.layer_norm_eps)  # as in `gpt2.block`
+    k = jnp.einsum("bpd,dhe->bphe", h, p["W_K"]) + p["b_K"]
+    v = jnp.einsum("bpd,dhe->bphe", h, p["W_V"]) + p["b_V"]
+    if prefix_kv is not None:
+        k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
+    n_keys = k.shape[1]
+    own = jnp.arange(n_keys)[None, :] == (n_keys - n_suffix + answer_idx)[:, None]  # [b, keys]
+    row_keep = keep[rows, 0, answer_idx] & ~own
+    row_keep = jnp.concatenate([row_keep, jnp.ones((b, 1), bool)], axis=1)[:, None, None, :]
+    out, _ = gpt2.block(p, cfg, x[rows, answer_idx][:, None], row_keep, scale, NO_INTERVENTIONS,
+                        (k, v))
+    return out[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,8 +55,9 @@ def flops_per_token_layer(cfg, n_keys):
 
 
 def engine_flops(cfg, task, gran, layers, n_buckets):
-    """FLOPs the engine really needs: per variant, layers l.. over the recomputed suffix, plus the
-    answer-position unembedding (prefix work shared by all variants of a layer is ignored)."""
+    """FLOPs the engine really needs: per variant, layers l.. over the recomputed suffix (the last
+    block at the answer row only), plus the answer-position unembedding (prefix work shared by
+    all variants of a layer is ignored)."""
     n, b, L, H = task.n_pos, task.batch, cfg.n_layers, cfg.n_heads
     fd = int(task.first_diff_positions.min())
     per_pos = gran != "z"
@@ -69,7 +70,11 @@ def engine_flops(cfg, task, gran, layers, n_buckets):
             variants = H if gran != "resid_pre" else 1
             S = n - s
             per_layer = sum(flops_per_token_layer(cfg, s + i + 1) for i in range(S))
-            total += variants * b * ((L - layer) * per_layer + 2 * cfg.d_model * cfg.d_vocab)
+            # the last block (unless patched) runs keys/values over the suffix, the rest at one row
+            last = per_layer if layer == L - 1 else (
+                S * 2 * 2 * cfg.d_model**2 + flops_per_token_layer(cfg, n))
+            total += variants * b * ((L - 1 - layer) * per_layer + last
+                                     + 2 * cfg.d_model * cfg.d_vocab)
     return total
 
 
