@@ -15,6 +15,7 @@ GELU) and cancellation. Compare with `attrpatch` exact patching before trusting 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from functools import partial
 
@@ -153,6 +154,13 @@ def attribute(
         raise ValueError("granularities is empty; name at least one of " + ", ".join(GRANULARITIES))
     task.check_for(model)
     metric_name, metric_fn = resolve_metric(metric, task)
+    if metric_name == "kl" and direction == "noise":
+        warnings.warn(
+            "AtP with metric='kl' and direction='noise' is zero everywhere: the KL divergence from "
+            "the clean distribution is at its minimum on the clean run, so its gradient there "
+            "vanishes. Use exact patching, direction='denoise', or another metric.",
+            stacklevel=2,
+        )
     keys = tuple(sorted({GRANULARITIES[g][0] for g in granularities}))
 
     start = time.perf_counter()

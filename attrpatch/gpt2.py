@@ -4,13 +4,14 @@ Parameters are a plain dict pytree with the block weights stacked over a leading
 (``L``) so the forward is one `lax.scan`:
 
 | key | shape |
-| --- | --- |
+|---|---|
 | ``W_E`` / ``W_pos`` | ``[d_vocab, d_model]`` / ``[n_ctx, d_model]`` |
-| ``blocks.ln1_w``, ``ln1_b``, ``ln2_w``, ``ln2_b``, ``b_O``, ``b_out`` | ``[L, d_model]``|
+| ``blocks.ln1_w``, ``ln1_b``, ``ln2_w``, ``ln2_b``, ``b_O``, ``b_out`` | ``[L, d_model]`` |
 | ``blocks.W_Q``, ``W_K``, ``W_V`` | ``[L, d_model, head, d_head]`` |
 | ``blocks.b_Q``, ``b_K``, ``b_V`` | ``[L, head, d_head]`` |
 | ``blocks.W_O`` | ``[L, head, d_head, d_model]`` |
-| ``blocks.W_in`` / ``b_in`` / ``W_out`` | ``[L, d_model, d_mlp]`` / ``[L, d_mlp]`` / ``[L, d_mlp, d_model]`` |
+| ``blocks.W_in`` / ``W_out`` | ``[L, d_model, d_mlp]`` / ``[L, d_mlp, d_model]`` |
+| ``blocks.b_in`` | ``[L, d_mlp]`` |
 | ``ln_f_w``, ``ln_f_b`` | ``[d_model]`` |
 | ``W_U`` | ``[d_model, d_vocab]`` |
 

@@ -104,6 +104,7 @@ def save_model(model: Model, path: str | os.PathLike, extra_files: dict[str, str
     arch = ARCHITECTURES[model.config.architecture]
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
     (staging / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
     save_file(arch.params_to_hf(model.params, model.config), str(staging / "model.safetensors"),
               metadata={"format": "pt"})

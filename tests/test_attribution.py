@@ -461,3 +461,15 @@ def test_bad_input(tiny_model):
                task.incorrect_tokens)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         attribute(model, big, ("z",))
+
+
+def test_kl_noise_warns_that_atp_is_blind(tiny_model):
+    model, _ = tiny_model
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 61, (2, 6))
+    corrupt = clean.copy()
+    corrupt[:, 2] = (corrupt[:, 2] + 1) % 61
+    task = Task(clean, corrupt, [1, 2], [3, 4])
+    with pytest.warns(UserWarning, match="gradient there vanishes"):
+        out = attribute(model, task, ["resid_pre"], direction="noise", metric="kl")
+    np.testing.assert_allclose(out["resid_pre"], 0.0, atol=1e-6)
