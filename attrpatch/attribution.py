@@ -25,34 +25,15 @@ import numpy as np
 
 from attrpatch.interventions import Interventions
 from attrpatch.model import Model
-from attrpatch.results import DIRECTIONS, GRANULARITIES, PatchResults, Scores, check_granularities
+from attrpatch.results import (
+    DIRECTIONS,
+    GRANULARITIES,
+    PatchResults,
+    Scores,
+    check_granularities,
+    reduce_to_grid,
+)
 from attrpatch.task import MetricFn, MetricReference, Task, check_reference, resolve_metric
-
-# Dims of each site after the leading ``[layer, batch]`` axes (see `attrpatch.sites`).
-_RESID_DIMS = ("pos", "d_model")
-_HEAD_DIMS = ("pos", "head", "d_head")
-SITE_DIMS: dict[str, tuple[str, ...]] = {
-    "hook_resid_pre": _RESID_DIMS,
-    "hook_resid_mid": _RESID_DIMS,
-    "hook_resid_post": _RESID_DIMS,
-    "hook_attn_out": _RESID_DIMS,
-    "hook_mlp_out": _RESID_DIMS,
-    "attn.hook_q": _HEAD_DIMS,
-    "attn.hook_k": _HEAD_DIMS,
-    "attn.hook_v": _HEAD_DIMS,
-    "attn.hook_z": _HEAD_DIMS,
-    "attn.hook_pattern": ("head", "query_pos", "key_pos"),
-    "mlp.hook_post": ("pos", "neuron"),
-}
-
-
-def _reduce(product: jax.Array, key: str, granularity: str) -> jax.Array:
-    """``[layer, batch, *site dims]`` -> per-prompt grid ``[batch, layer, *other axes]``."""
-    dims = SITE_DIMS[key]
-    keep = GRANULARITIES[granularity][1][1:]  # the granularity's axes after "layer"
-    assert tuple(d for d in dims if d in keep) == keep, (key, granularity)
-    summed = tuple(2 + i for i, d in enumerate(dims) if d not in keep)
-    return jnp.moveaxis(product.sum(summed), 1, 0)
 
 
 @partial(
@@ -60,10 +41,7 @@ def _reduce(product: jax.Array, key: str, granularity: str) -> jax.Array:
     static_argnames=("keys", "granularities", "direction", "metric_fn", "per_prompt", "remat"),
 )
 def _atp(model, task, keys, granularities, direction, metric_fn, per_prompt, remat):
-    if direction == "denoise":
-        base_tokens, source_tokens = task.corrupt_tokens, task.clean_tokens
-    else:
-        base_tokens, source_tokens = task.clean_tokens, task.corrupt_tokens
+    base_tokens, source_tokens = task.runs(direction)
     mask, positions = task.attention_mask, task.answer_positions
 
     source_logits, source_cache = model.run(
@@ -95,7 +73,7 @@ def _atp(model, task, keys, granularities, direction, metric_fn, per_prompt, rem
         product = diff * grads[key]
         for g in granularities:
             if GRANULARITIES[g][0] == key:
-                grid = _reduce(product, key, g)  # [batch, *axes]
+                grid = reduce_to_grid(product, key, g)  # [batch, *axes]
                 values[g] = grid.mean(0)
                 if per_prompt:
                     prompts[g] = grid
@@ -123,8 +101,9 @@ def attribute(
 
     - `model`: the :class:`attrpatch.Model`.
     - `task`: the :class:`attrpatch.Task` (clean and corrupted prompts, answers).
-    - `granularities`: names from :data:`attrpatch.results.GRANULARITIES` (default: every one
-      the model has). Granularities on the same site share one delta and one backward.
+    - `granularities`: names from :data:`attrpatch.results.GRANULARITIES` (default:
+      :data:`attrpatch.results.DEFAULT_GRANULARITIES`). Granularities on the same site share one
+      delta and one backward.
     - `direction`: ``"denoise"`` (base run corrupted, clean activations patched in) or
       ``"noise"`` (base run clean, corrupted activations patched in).
     - `metric`: a name from :data:`attrpatch.METRICS`, a function
@@ -143,15 +122,7 @@ def attribute(
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    attn_only = model.config.attn_only
-    if granularities is None:
-        granularities = [
-            g for g in GRANULARITIES
-            if not (attn_only and GRANULARITIES[g][0].startswith(("mlp", "hook_mlp", "hook_resid_mid")))
-        ]
-    granularities = tuple(dict.fromkeys(check_granularities(granularities, attn_only)))
-    if not granularities:
-        raise ValueError("granularities is empty; name at least one of " + ", ".join(GRANULARITIES))
+    granularities = check_granularities(granularities, model.config.attn_only)
     task.check_for(model)
     metric_name, metric_fn = resolve_metric(metric, task)
     if metric_name == "kl" and direction == "noise":

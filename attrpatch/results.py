@@ -25,6 +25,8 @@ import dataclasses
 
 import numpy as np
 
+from attrpatch.sites import MLP_SITES, site_axes
+
 # granularity -> (site key, axes)
 GRANULARITIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "resid_pre": ("hook_resid_pre", ("layer", "pos")),
@@ -60,17 +62,50 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 }
 
 
+# What `attribute` and `patch` compute when no granularities are named: the node grids a first
+# scan wants, none of them huge (no per-entry patterns, no neurons).
+DEFAULT_GRANULARITIES = ("resid_pre", "attn_out", "mlp_out", "z")
+
+
+def needs_mlp(granularity: str) -> bool:
+    return GRANULARITIES[granularity][0] in MLP_SITES
+
+
+def available_granularities(attn_only: bool, names=None) -> tuple[str, ...]:
+    """`names` (default: every granularity) less those an attention-only model lacks."""
+    names = GRANULARITIES if names is None else names
+    return tuple(g for g in names if not (attn_only and needs_mlp(g)))
+
+
 def check_granularities(names, attn_only: bool = False) -> tuple[str, ...]:
-    """Validate granularity names; clear error naming the unknown one and the choices."""
-    names = (names,) if isinstance(names, str) else tuple(names)
+    """Validate granularity names (None: the defaults); clear error naming the bad one.
+
+    Returns the names as a tuple, duplicates dropped, order kept.
+    """
+    if names is None:
+        names = available_granularities(attn_only, DEFAULT_GRANULARITIES)
+    names = (names,) if isinstance(names, str) else tuple(dict.fromkeys(names))
+    if not names:
+        raise ValueError("the granularity list is empty; name at least one of " + ", ".join(GRANULARITIES))
     for name in names:
         if name not in GRANULARITIES:
             raise ValueError(
                 f"unknown granularity {name!r}; choose from {', '.join(GRANULARITIES)}"
             )
-        if attn_only and GRANULARITIES[name][0].startswith(("mlp", "hook_mlp", "hook_resid_mid")):
+        if attn_only and needs_mlp(name):
             raise ValueError(f"granularity {name!r} needs MLPs; this model is attention-only")
     return names
+
+
+def reduce_to_grid(x, key: str, granularity: str):
+    """Sum a per-prompt site array ``[layer, batch, *site dims]`` (numpy or jax) to the
+    granularity's per-prompt grid ``[batch, layer, *other axes]``."""
+    dims = site_axes(key)[1:]
+    keep = GRANULARITIES[granularity][1][1:]  # the granularity's axes after "layer"
+    if tuple(d for d in dims if d in keep) != keep:
+        raise ValueError(f"granularity {granularity!r} is not a grid of site {key!r}")
+    summed = tuple(2 + i for i, d in enumerate(dims) if d not in keep)
+    return x.sum(summed).swapaxes(0, 1)
 
 
 def grid_shape(name: str, n_layers: int, n_pos: int, n_heads: int, d_mlp: int) -> tuple[int, ...]:

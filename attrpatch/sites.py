@@ -56,6 +56,15 @@ SHORT_NAMES: dict[str, str] = {
 _BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
+def site_axes(key: str) -> tuple[str, ...]:
+    """Axis names of a block site (from the table), ``d_mlp`` spelled ``neuron``.
+
+    E.g. ``site_axes("mlp.hook_post") == ("batch", "pos", "neuron")``.
+    """
+    shape = BLOCK_SITE_TABLE[key][0].split()
+    return tuple("neuron" if a == "d_mlp" else a for a in shape)
+
+
 def block_keys(attn_only: bool) -> tuple[str, ...]:
     """The block site keys a model has, in forward order."""
     return tuple(k for k in BLOCK_SITE_TABLE if not (attn_only and k in MLP_SITES))

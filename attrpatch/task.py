@@ -91,6 +91,14 @@ class Task(eqx.Module):
             return jnp.full((self.batch,), self.n_pos - 1, jnp.int32)
         return self.attention_mask.sum(1).astype(jnp.int32) - 1
 
+    def runs(self, direction: str) -> tuple[Array, Array]:
+        """(base tokens, source tokens): denoise patches clean into corrupt, noise the reverse."""
+        if direction == "denoise":
+            return self.corrupt_tokens, self.clean_tokens
+        if direction == "noise":
+            return self.clean_tokens, self.corrupt_tokens
+        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+
     def check_for(self, model) -> None:
         """Raise a clear `ValueError` if `model` cannot run this task (ids, lengths)."""
         model.check_tokens(self.clean_tokens, self.attention_mask)
