@@ -318,7 +318,8 @@ def block(
     if prefix_kv is not None:
         k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
         v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
-    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k).astype(jnp.promote_types(q.dtype, jnp.float32))
+    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k,
+                        preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
     scores = jnp.where(keep, scores / attn_scale, jnp.finfo(scores.dtype).min)
     scores = hook("attn.hook_attn_scores", scores)
     pattern = hook("attn.hook_pattern", jax.nn.softmax(scores, axis=-1).astype(q.dtype))

@@ -9,13 +9,16 @@ Keys are TransformerLens hook names *without* the ``blocks.{l}.`` prefix. Block 
 (``hook_resid_pre``, ``attn.hook_z``, ``mlp.hook_post``, ...) carry a leading layer axis of length
 ``n_layers`` (the layer scan slices it); global sites (``hook_embed``, ``hook_pos_embed``,
 ``ln_final.hook_normalized``) carry none. Shapes after that axis are the site's shape from
-:data:`attrpatch.sites.SITE_TABLE`, with broadcasting allowed.
+:data:`attrpatch.sites.BLOCK_SITE_TABLE` / ``GLOBAL_SITE_TABLE``, with broadcasting
+allowed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
+import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array
 
@@ -30,8 +33,8 @@ class Patch(NamedTuple):
     source: Array
 
 
-class Interventions(NamedTuple):
-    """Edits applied inside the forward pass.
+class Interventions(eqx.Module):
+    """Edits applied inside the forward pass (a pytree; the dicts are copied on construction).
 
     **Arguments:**
 
@@ -42,8 +45,13 @@ class Interventions(NamedTuple):
     Deltas are applied before patches.
     """
 
-    delta: dict = {}
-    patch: dict = {}
+    delta: dict[str, Array]
+    patch: dict[str, Patch]
+
+    def __init__(self, delta: Mapping[str, Array] | None = None,
+                 patch: Mapping[str, Patch] | None = None):
+        self.delta = dict(delta or {})
+        self.patch = dict(patch or {})
 
     def layer_slice(self, keys: frozenset[str]) -> Interventions:
         """The block-site part (still stacked over layers), for the layer scan."""
@@ -51,9 +59,6 @@ class Interventions(NamedTuple):
             {k: v for k, v in self.delta.items() if k in keys},
             {k: v for k, v in self.patch.items() if k in keys},
         )
-
-    def names(self) -> set[str]:
-        return set(self.delta) | set(self.patch)
 
 
 NO_INTERVENTIONS = Interventions()

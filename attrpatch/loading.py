@@ -70,8 +70,9 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32) -> Model:
     - `path`: a directory with `config.json` and `model.safetensors`, or sharded
       `model-*.safetensors` with `model.safetensors.index.json`. Tensors may be stored as
       float32, float16 or bfloat16; keys with or without the ``transformer.`` prefix.
-    - `dtype`: the dtype to compute in (float32 by default; bfloat16 where memory matters, with
-      logits good to about 1e-2 relative).
+    - `dtype`: the dtype to compute in (float32 by default). bfloat16 halves memory; LayerNorm,
+      attention logits and logits still accumulate in float32, and logits differ from float32
+      by under 5% of their largest magnitude (measured: 0.7% on `models/ioi-gpt2-4l`).
 
     **Returns:** a :class:`attrpatch.Model`.
     """

@@ -84,7 +84,7 @@ class Model(eqx.Module):
         attention_mask: Int[Array, "batch pos"] | None = None,
         interventions: Interventions = NO_INTERVENTIONS,
     ) -> Float[Array, "batch pos d_vocab"]:
-        """Logits ``[batch, pos, d_vocab]`` (float32)."""
+        """Logits ``[batch, pos, d_vocab]`` (float32, or float64 for a float64 model)."""
         self.check_tokens(tokens, attention_mask)
         return self.run(tokens, attention_mask, interventions)[0]
 
@@ -102,7 +102,7 @@ class Model(eqx.Module):
         - `names`: the hook names to cache (default: all). Only these are returned; sites of
           the same kind in other layers are computed but not kept.
 
-        **Returns:** `(logits, cache)`; shapes in `attrpatch.sites.SITE_TABLE`.
+        **Returns:** `(logits, cache)`; shapes in `attrpatch.sites.BLOCK_SITE_TABLE`.
         """
         self.check_tokens(tokens, attention_mask)
         names = self.site_names if names is None else list(names)

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import matplotlib
@@ -20,9 +21,15 @@ def test_readme_site_table_is_the_code_table():
 
 def test_ci_runs_the_readme_test_command():
     lines = README.splitlines()
-    marker = lines.index("# install and run the tests")
-    assert "pytest" in lines[marker + 1]
-    assert "# install and run the tests" in (ROOT / ".ci" / "run").read_text()
+    readme_command = lines[lines.index("# install and run the tests") + 1]
+    assert "pytest" in readme_command
+    ci = (ROOT / ".ci" / "run").read_text()
+    extract = next(line for line in ci.splitlines() if line.startswith("cmd="))
+    script = extract.removeprefix("cmd=$(").removesuffix(")")
+    ci_command = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+    assert ci_command == readme_command
+    assert 'eval "$cmd"' in ci
 
 
 def _run_in_repo_root(code: str) -> dict:
