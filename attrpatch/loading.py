@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -13,6 +12,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from attrpatch.atomic import replace_dir, staging_dir
 from attrpatch.model import ARCHITECTURES, Model
 
 _PICKLED = ("pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -101,20 +101,15 @@ def save_model(model: Model, path: str | os.PathLike, extra_files: dict[str, str
     The directory is assembled next to `path` and moved into place, so a failure leaves no
     half-written checkpoint. `extra_files` maps file names to text (a model card, say).
     """
-    path = Path(path)
     arch = ARCHITECTURES[model.config.architecture]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-    (staging / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
-    save_file(arch.params_to_hf(model.params, model.config), str(staging / "model.safetensors"),
-              metadata={"format": "pt"})
-    for name, text in (extra_files or {}).items():
-        (staging / name).write_text(text)
-    if path.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-        path.rename(backup / path.name)
-        staging.rename(path)
-        shutil.rmtree(backup)
-    else:
-        staging.rename(path)
+    staging = staging_dir(path)
+    try:
+        (staging / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+        save_file(arch.params_to_hf(model.params, model.config),
+                  str(staging / "model.safetensors"), metadata={"format": "pt"})
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+    except BaseException:
+        shutil.rmtree(staging)
+        raise
+    replace_dir(staging, path)
