@@ -35,28 +35,14 @@ from attrpatch.results import (
     PatchResults,
     Scores,
     check_granularities,
+    reduce_to_grid,
 )
+from attrpatch.sites import site_axes
 from attrpatch.task import MetricReference, resolve_metric
 
-# Axis names of each site after the leading ``layer`` axis (see `attrpatch.sites`), spelled with
-# the granularity axis names (``neuron`` for ``d_mlp``).
-SITE_AXES: dict[str, tuple[str, ...]] = {
-    "hook_resid_pre": ("batch", "pos", "d_model"),
-    "hook_resid_mid": ("batch", "pos", "d_model"),
-    "hook_resid_post": ("batch", "pos", "d_model"),
-    "hook_attn_out": ("batch", "pos", "d_model"),
-    "hook_mlp_out": ("batch", "pos", "d_model"),
-    "attn.hook_q": ("batch", "pos", "head", "d_head"),
-    "attn.hook_k": ("batch", "pos", "head", "d_head"),
-    "attn.hook_v": ("batch", "pos", "head", "d_head"),
-    "attn.hook_z": ("batch", "pos", "head", "d_head"),
-    "attn.hook_pattern": ("batch", "head", "query_pos", "key_pos"),
-    "mlp.hook_post": ("batch", "pos", "neuron"),
-}
-# Granularities whose patch goes through the head's own softmax (the QK saturation failure).
-QK_GRANULARITIES = ("q", "k", "q_by_pos", "k_by_pos")
-FLAG_KINDS = ("false negative", "false positive", "sign flip", "magnitude error")
-CAUSES = ("attention saturation", "metric saturation", "big patch", "nonlinearity along the path")
+# Largest |atp.base_metric - exact.base_metric| that `validate` accepts, as a share of
+# max(1, |base metric|, |gap|): beyond it the two results come from different tasks or models.
+BASE_METRIC_RTOL = 1e-2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +56,7 @@ class Thresholds:
     - `miss_ratio`: a false negative is a large exact effect where |AtP| < miss_ratio * |exact|
       (or AtP is negligible); a false positive is a large AtP score where
       |exact| < miss_ratio * |AtP| (default 0.3).
-    - `sign flip`: both |AtP| and |exact| >= `large`, opposite signs.
+    - `sign flip`: |exact| >= `large`, |AtP| >= `small`, opposite signs (checked first).
     - `magnitude_ratio`: same sign, |AtP - exact| >= `large`, and the ratio AtP/exact outside
       [1/magnitude_ratio, magnitude_ratio] (default 2): a magnitude error.
     - `severity_high`, `severity_medium`: severity is |AtP - exact| / |gap|; at least these
@@ -80,16 +66,22 @@ class Thresholds:
 
     - `big_patch`: ||a_source - a_base|| / ||a_base|| over the component (default 0.5).
     - `attn_saturation`: the head's largest attention probability at the answer row of the base
-      run (batch mean) at least this (default 0.95); applies to q/k components.
+      run (batch mean) at least this (default 0.95); applies to q/k components (``q_by_pos``:
+      the row of the patched query position instead).
     - `nonlinearity`: spread of the estimates with gradients at the base run, the midpoint and
       the source run, over max(|estimate|, small * |gap|) (default 0.5).
+
+    Re-validating with other thresholds is exact: :func:`validate` recomputes the
+    threshold-dependent diagnostics (`nonlinearity`, `metric_saturation`) from the raw estimates
+    and answer probabilities that :class:`Diagnostics` stores (:meth:`Diagnostics.rethreshold`).
     - `prob_saturation`: the answer probability is within this of 0 or 1 (default 0.02); the
       metric is saturated when at least `metric_saturation_share` of prompts are (default 0.5).
 
     Agreement: `top_k` (5, 10) and `top_share` (0.05) give the top-K recalls; the verdict per
     family is "reliable" with Pearson >= `reliable_pearson` (0.95) and no high-severity flag, or
     when every |AtP - exact| is below `small` and nothing is flagged; "caution" with Pearson >=
-    `caution_pearson` (0.8); else "unreliable".
+    `caution_pearson` (0.8); else "unreliable"; "n/a" when no component of the family has both
+    numbers (nothing verified).
 
     `min_gap`: below this |gap| (metric units) the unit is max |exact| instead (default 1e-6).
     """
@@ -218,16 +210,27 @@ def _unit(gap: float, exact: np.ndarray, thresholds: Thresholds) -> float:
 class Diagnostics:
     """Cheap per-component signals behind AtP's failures, each ``[*granularity axes]``.
 
-    - `big_patch[g]`: ||a_source - a_base|| / ||a_base|| over the component (batch included).
-    - `attn_saturation[g]` (q/k granularities only): the head's largest attention probability at
-      the answer row (for ``*_by_pos``: at that query position) of the base run, batch mean.
+    - `big_patch[g]`: ||a_source - a_base|| / ||a_base|| over the component (batch included,
+      padded positions excluded).
+    - `attn_saturation[g]` (q/k granularities only), base run, batch mean over real prompts:
+      ``q``, ``k``: the head's largest attention probability at the answer row; ``q_by_pos``:
+      the largest probability of query row ``pos`` (prompts where ``pos`` is padding skipped);
+      ``k_by_pos``: the answer row's largest probability, over prompts whose answer row sees key
+      ``pos`` (0 where none does): a saturated answer row hides the effect of any key it reads.
     - `estimate_base[g]`, `estimate_mid[g]`, `estimate_source[g]`: (a_source - a_base) . grad with
-      the gradient taken at the base run (= AtP), with the component's layer of the site moved
-      halfway to the source, and at the source run; `nonlinearity[g]` = their spread (max - min)
-      over max(|estimate|, ``small * |gap|``). (base + 4 mid + source) / 6 is a Simpson's-rule
-      estimate of the patch.
+      the gradient taken at the base run (= AtP), at the "midpoint", and at the source run.
+      The midpoint gradient is taken with the *whole layer's site* (every component of that
+      layer at once) moved halfway to the source, not the one component, so it is a probe of
+      curvature along the path, not the midpoint of that component's own patch (and
+      ``(base + 4 mid + source) / 6`` is not a Simpson's-rule estimate of a single component's
+      patch). For the source estimate the whole site is at the source, likewise.
+      `nonlinearity[g]` = the spread (max - min) of the three over
+      max(|estimate|, ``small * |gap|``).
     - `answer_prob_base`, `answer_prob_source`: ``[batch]`` probability of the first correct
       answer; `metric_saturation` the share of prompts where the metric is saturated.
+
+    `nonlinearity` and `metric_saturation` depend on thresholds (``small``, ``min_gap``,
+    ``prob_saturation``): :meth:`rethreshold` recomputes them from the stored raw numbers.
     """
 
     direction: str
@@ -259,6 +262,16 @@ class Diagnostics:
                 "metric_saturation": self.metric_saturation,
                 "metric_saturation_reason": self.metric_saturation_reason}
 
+    def rethreshold(self, thresholds: Thresholds) -> Diagnostics:
+        """A copy with `nonlinearity` and `metric_saturation` recomputed under `thresholds`."""
+        nonlin = {g: _nonlinearity(self.estimate_base[g], self.estimate_mid[g],
+                                   self.estimate_source[g], self.gap, thresholds)
+                  for g in self.estimate_base}
+        share, reason = _metric_saturation(self.metric, self.direction, self.answer_prob_base,
+                                           self.answer_prob_source, thresholds)
+        return dataclasses.replace(self, nonlinearity=nonlin, metric_saturation=share,
+                                   metric_saturation_reason=reason)
+
     @classmethod
     def from_arrays(cls, arrays, meta: dict) -> Diagnostics:
         signals = {s: {} for s in cls.SIGNALS}
@@ -270,31 +283,59 @@ class Diagnostics:
                    answer_prob_source=np.asarray(arrays["answer_prob_source"]))
 
 
-def _reduce(x: np.ndarray, key: str, granularity: str, op: str = "sum") -> np.ndarray:
-    """``[layer, *site axes]`` -> ``[*granularity axes]``, summing (or `op`) the other axes."""
-    axes = ("layer",) + SITE_AXES[key]
-    keep = GRANULARITIES[granularity][1]
-    drop = tuple(i for i, a in enumerate(axes) if a not in keep)
-    x = getattr(np, op)(x, axis=drop)
-    kept = [a for a in axes if a in keep]
-    return np.transpose(x, [kept.index(a) for a in keep])
+def _reduce(x: np.ndarray, key: str, granularity: str) -> np.ndarray:
+    """``[layer, batch, *site dims]`` -> ``[*granularity axes]``, summing the other axes."""
+    return reduce_to_grid(x, key, granularity).sum(0)
 
 
-def _runs(task, direction):
-    if direction == "denoise":
-        return task.corrupt_tokens, task.clean_tokens
-    return task.clean_tokens, task.corrupt_tokens
+def _position_mask(key: str, mask: np.ndarray) -> np.ndarray:
+    """``[1, batch, *site dims]`` (broadcastable): 1 where every position axis of the site is a
+    real token of `mask` ``[batch, pos]``, else 0."""
+    dims = site_axes(key)[1:]
+    out = np.ones((1, mask.shape[0]) + (1,) * len(dims))
+    for i, d in enumerate(dims):
+        if d in ("pos", "query_pos", "key_pos"):
+            shape = [1, mask.shape[0]] + [1] * len(dims)
+            shape[2 + i] = mask.shape[1]
+            out = out * mask.reshape(shape)
+    return out
+
+
+def _nonlinearity(est_b, est_m, est_s, gap: float, t: Thresholds) -> np.ndarray:
+    floor_unit = abs(gap) if abs(gap) >= t.min_gap else 1.0
+    ests = np.stack([est_b, est_m, est_s])
+    scale = np.maximum(np.abs(ests).max(0), t.small * floor_unit)
+    return (ests.max(0) - ests.min(0)) / scale
+
+
+def _metric_saturation(metric: str, direction: str, p_base, p_source, t: Thresholds):
+    """(share of prompts where the metric is flat at both runs, reason)."""
+    p_base, p_source = np.asarray(p_base, float), np.asarray(p_source, float)
+    eps = t.prob_saturation
+    if metric == "prob":
+        saturated = (np.minimum(p_base, 1 - p_base) < eps) & (np.minimum(p_source, 1 - p_source) < eps)
+        reason = f"answer probability within {eps} of 0 or 1 in both runs (prob is flat there)"
+    elif metric == "logprob":
+        saturated = (p_base > 1 - eps) & (p_source > 1 - eps)
+        reason = f"answer probability above {1 - eps} in both runs (log-prob is flat there)"
+    elif metric == "kl" and direction == "noise":
+        saturated = np.ones(len(p_base), bool)
+        reason = "KL from clean is at its minimum on the clean base run: its gradient is zero"
+    else:
+        saturated, reason = np.zeros(len(p_base), bool), ""
+    return float(saturated.mean()) if len(saturated) else 0.0, reason
 
 
 def diagnose(model, task, granularities: Sequence[str], direction: str = "denoise",
              metric=None, thresholds: Thresholds = Thresholds(), midpoint: bool = True,
              ) -> Diagnostics:
     """Signals that explain AtP failures: two forwards and two backwards, plus (with `midpoint`)
-    one backward per (site, layer) with that layer's site moved halfway to the source.
+    one backward per (site, layer) with that layer's whole site moved halfway to the source.
 
     **Arguments:** as :func:`attrpatch.attribute` (`model`, `task`, `granularities`,
-    `direction`, `metric`); `thresholds` for the metric-saturation test; `midpoint=False` skips
-    the midpoint gradients (`estimate_mid` is then the mean of the base and source estimates).
+    `direction`, `metric`); `thresholds` for the metric-saturation test and the nonlinearity
+    floor; `midpoint=False` skips the midpoint gradients (`estimate_mid` is then the mean of the
+    base and source estimates).
 
     **Returns:** :class:`Diagnostics`.
     """
@@ -305,67 +346,76 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
     metric_name, metric_fn = resolve_metric(metric, task)
     keys = tuple(sorted({GRANULARITIES[g][0] for g in granularities} | {"attn.hook_pattern"}))
     mask, positions = task.attention_mask, task.answer_positions
-    base_tokens, source_tokens = _runs(task, direction)
+    base_tokens, source_tokens = task.runs(direction)
+    real = (np.ones(task.clean_tokens.shape) if mask is None
+            else np.asarray(mask, np.float64))  # [batch, pos]
 
     clean_logits, clean_cache = model.run(task.clean_tokens, mask, cache_keys=keys,
                                           logit_positions=positions)
     corrupt_logits, corrupt_cache = model.run(task.corrupt_tokens, mask, cache_keys=keys,
                                               logit_positions=positions)
     reference = MetricReference(clean_logits, corrupt_logits)
-    caches = {"clean": clean_cache, "corrupt": corrupt_cache}
-    base_name, source_name = ("corrupt", "clean") if direction == "denoise" else ("clean", "corrupt")
-    base_cache, source_cache = caches[base_name], caches[source_name]
+    if direction == "denoise":
+        base_cache, source_cache = corrupt_cache, clean_cache
+        base_logits, source_logits = corrupt_logits, clean_logits
+    else:
+        base_cache, source_cache = clean_cache, corrupt_cache
+        base_logits, source_logits = clean_logits, corrupt_logits
     grad_keys = tuple(k for k in keys if any(GRANULARITIES[g][0] == k for g in granularities))
+    # Deltas (hence gradients) in at least float32, float64 for a float64 model (as AtP).
+    dtypes = {k: jnp.promote_types(base_cache[k].dtype, jnp.float32) for k in grad_keys}
 
     def metric_of(deltas, tokens):
         logits, _ = model.run(tokens, mask, Interventions(delta=deltas), logit_positions=positions)
         return metric_fn(logits, task, reference).mean()
 
-    zeros = {k: jnp.zeros(base_cache[k].shape, jnp.float32) for k in grad_keys}
+    zeros = {k: jnp.zeros(base_cache[k].shape, dtypes[k]) for k in grad_keys}
     grad_fn = jax.jit(jax.grad(metric_of))
     g_base = jax.device_get(grad_fn(zeros, base_tokens))
     g_source = jax.device_get(grad_fn(zeros, source_tokens))
     base_np = {k: np.asarray(v, np.float64) for k, v in jax.device_get(base_cache).items()}
     source_np = {k: np.asarray(v, np.float64) for k, v in jax.device_get(source_cache).items()}
-    # Midpoint gradients: the base run with one layer's site moved halfway to the source.
+    # Midpoint gradients: the base run with one layer's whole site moved halfway to the source.
     # (Same pytree structure as `zeros`, so `grad_fn` compiles once for all of them.)
     g_mid = {}
     for k in grad_keys if midpoint else ():
-        half = 0.5 * (source_cache[k].astype(jnp.float32) - base_cache[k].astype(jnp.float32))
+        half = 0.5 * (source_cache[k].astype(dtypes[k]) - base_cache[k].astype(dtypes[k]))
         layers = []
         for layer in range(half.shape[0]):
             deltas = dict(zeros, **{k: zeros[k].at[layer].set(half[layer])})
             layers.append(np.asarray(grad_fn(deltas, base_tokens)[k][layer], np.float64))
         g_mid[k] = np.stack(layers)
-    base_logits, source_logits = (
-        (corrupt_logits, clean_logits) if direction == "denoise" else (clean_logits, corrupt_logits)
-    )
     base_metric = float(metric_fn(base_logits, task, reference).mean())
     gap = float(metric_fn(source_logits, task, reference).mean()) - base_metric
-    floor_unit = abs(gap) if abs(gap) >= thresholds.min_gap else 1.0
 
     big, sat, est_b, est_m, est_s, nonlin = {}, {}, {}, {}, {}, {}
     pattern = base_np["attn.hook_pattern"]  # [layer, batch, head, query, key]
-    pos = np.asarray(positions)
-    answer_row = pattern[:, np.arange(len(pos)), :, pos, :]  # [batch, layer, head, key]
-    answer_row_max = answer_row.max(-1).mean(0)  # [layer, head]
+    batch_idx, pos = np.arange(task.batch), np.asarray(positions)
+    answer_row = pattern[:, batch_idx, :, pos, :]  # [batch, layer, head, key]
+    answer_row_max = answer_row.max(-1)  # [batch, layer, head]
     for g in granularities:
         key = GRANULARITIES[g][0]
-        diff = source_np[key] - base_np[key]
+        keep = _position_mask(key, real)  # padded positions (and pattern rows/cols) out
+        diff = (source_np[key] - base_np[key]) * keep
         num = np.sqrt(_reduce(diff**2, key, g))
-        den = np.sqrt(_reduce(base_np[key] ** 2, key, g))
+        den = np.sqrt(_reduce((base_np[key] * keep) ** 2, key, g))
         big[g] = np.where(den > 0, num / np.maximum(den, 1e-30), np.where(num > 0, np.inf, 0.0))
         est_b[g] = _reduce(diff * np.asarray(g_base[key], np.float64), key, g)
         est_s[g] = _reduce(diff * np.asarray(g_source[key], np.float64), key, g)
         est_m[g] = (_reduce(diff * g_mid[key], key, g) if midpoint
                     else 0.5 * (est_b[g] + est_s[g]))
-        ests = np.stack([est_b[g], est_m[g], est_s[g]])
-        scale = np.maximum(np.abs(ests).max(0), thresholds.small * floor_unit)
-        nonlin[g] = (ests.max(0) - ests.min(0)) / scale
+        nonlin[g] = _nonlinearity(est_b[g], est_m[g], est_s[g], gap, thresholds)
         if g in ("q", "k"):
-            sat[g] = answer_row_max
-        elif g in ("q_by_pos", "k_by_pos"):
-            sat[g] = np.transpose(pattern.max(-1).mean(1), (0, 2, 1))  # [layer, pos, head]
+            sat[g] = answer_row_max.mean(0)  # [layer, head]
+        elif g == "q_by_pos":  # query row p's own saturation, over prompts where p is real
+            row_max = pattern.max(-1)  # [layer, batch, head, query]
+            w = real[None, :, None, :]
+            mean = (row_max * w).sum(1) / np.maximum(w.sum(1), 1)  # [layer, head, pos]
+            sat[g] = np.transpose(mean, (0, 2, 1))  # [layer, pos, head]
+        elif g == "k_by_pos":  # the answer row's saturation, over prompts whose answer sees p
+            sees = (np.arange(task.n_pos)[None, :] <= pos[:, None]) * real  # [batch, pos]
+            num_ = np.einsum("blh,bp->lph", answer_row_max, sees)
+            sat[g] = num_ / np.maximum(sees.sum(0), 1)[None, :, None]  # [layer, pos, head]
 
     def answer_prob(logits):
         lp = jax.nn.log_softmax(logits)
@@ -373,23 +423,12 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
 
     p_clean, p_corrupt = answer_prob(clean_logits), answer_prob(corrupt_logits)
     p_base, p_source = (p_corrupt, p_clean) if direction == "denoise" else (p_clean, p_corrupt)
-    eps = thresholds.prob_saturation
-    if metric_name == "prob":
-        saturated = (np.minimum(p_base, 1 - p_base) < eps) & (np.minimum(p_source, 1 - p_source) < eps)
-        reason = f"answer probability within {eps} of 0 or 1 in both runs (prob is flat there)"
-    elif metric_name == "logprob":
-        saturated = (p_base > 1 - eps) & (p_source > 1 - eps)
-        reason = f"answer probability above {1 - eps} in both runs (log-prob is flat there)"
-    elif metric_name == "kl" and base_name == "clean":
-        saturated = np.ones(len(p_base), bool)
-        reason = "KL from clean is at its minimum on the clean base run: its gradient is zero"
-    else:
-        saturated, reason = np.zeros(len(p_base), bool), ""
+    share, reason = _metric_saturation(metric_name, direction, p_base, p_source, thresholds)
     return Diagnostics(
         direction=direction, metric=metric_name, gap=gap, big_patch=big, attn_saturation=sat,
         estimate_base=est_b, estimate_mid=est_m, estimate_source=est_s, nonlinearity=nonlin,
         answer_prob_base=p_base, answer_prob_source=p_source,
-        metric_saturation=float(saturated.mean()), metric_saturation_reason=reason,
+        metric_saturation=share, metric_saturation_reason=reason,
     )
 
 
@@ -434,7 +473,7 @@ class Flag:
 
 def _classify(a: float, e: float, t: Thresholds) -> str | None:
     """Flag kind for one (AtP, exact) pair in units of |gap|, or None."""
-    if abs(a) >= t.large and abs(e) >= t.large and np.sign(a) != np.sign(e):
+    if abs(e) >= t.large and abs(a) >= t.small and np.sign(a) != np.sign(e):
         return "sign flip"
     if abs(e) >= t.large and (abs(a) < t.small or abs(a) < t.miss_ratio * abs(e)):
         return "false negative"
@@ -448,7 +487,8 @@ def _classify(a: float, e: float, t: Thresholds) -> str | None:
 
 
 def _causes(g: str, idx: tuple, diag: Diagnostics | None, t: Thresholds) -> tuple[list[str], list[str]]:
-    """Diagnosed causes (in `CAUSES` order) and their one-line explanations."""
+    """Diagnosed causes and their one-line explanations (attention saturation, metric
+    saturation, big patch, nonlinearity along the path, in that order)."""
     if diag is None:
         return [], []
     causes, notes = [], []
@@ -476,7 +516,8 @@ class Validation:
     """What :func:`validate` found.
 
     - `by_granularity[g]`, `by_family[family]`: :func:`agreement` dicts (families pool their
-      granularities' components); `verdicts[family]`: "reliable" | "caution" | "unreliable".
+      granularities' components); `verdicts[family]`: "reliable" | "caution" | "unreliable"
+      | "n/a" (no component of the family verified).
     - `flags`: sorted by severity, highest first. `flag_grids[g]`: ``[*axes]`` strings
       ("" where unflagged).
     """
@@ -500,6 +541,7 @@ class Validation:
 
 
 def family_of(granularity: str) -> str:
+    """The site family (:data:`attrpatch.results.FAMILIES`) a granularity belongs to."""
     return next(f for f, gs in FAMILIES.items() if granularity in gs)
 
 
@@ -509,18 +551,39 @@ def validate(atp: PatchResults, exact: PatchResults, diagnostics: Diagnostics | 
 
     **Arguments:**
 
-    - `atp`, `exact`: :class:`attrpatch.PatchResults` (``method`` "atp" / "exact"); exact
+    - `atp`, `exact`: :class:`attrpatch.PatchResults` (``method`` "atp" / "exact") of the same
+      task, model, direction and metric, exact patching the other run (not an ablation); exact
       may be NaN where it was not computed (budgeted verification): those are skipped.
-    - `diagnostics`: optional :class:`Diagnostics` (from :func:`diagnose`) for causes.
+    - `diagnostics`: optional :class:`Diagnostics` (from :func:`diagnose`) for causes; its
+      threshold-dependent signals are recomputed under `thresholds` (:meth:`Diagnostics.rethreshold`).
     - `thresholds`: :class:`Thresholds`.
     - `tokens`: optional token strings ``[pos]`` for the component labels.
 
     **Returns:** :class:`Validation`.
+
+    Raises `ValueError` when the two results cannot be compared: different direction or metric,
+    base metrics that differ by more than :data:`BASE_METRIC_RTOL` (different tasks or models),
+    an exact ablation (``source`` other than "default"), or no granularity in common.
     """
     if atp.direction != exact.direction:
-        raise ValueError(f"AtP is {atp.direction} but exact is {exact.direction}")
+        raise ValueError(f"cannot compare: AtP is {atp.direction} but exact is {exact.direction}")
     if atp.metric != exact.metric:
-        raise ValueError(f"AtP used metric {atp.metric!r} but exact used {exact.metric!r}")
+        raise ValueError(f"cannot compare: AtP used metric {atp.metric!r} but exact used "
+                         f"{exact.metric!r}")
+    for r in (atp, exact):
+        source = getattr(r, "source", "default")
+        if source != "default":
+            raise ValueError(f"cannot compare: {r.method} results patch from source={source!r} "
+                             "(an ablation); AtP estimates patching from the other run "
+                             "(source='default')")
+    scale = max(1.0, abs(exact.base_metric), abs(exact.gap))
+    if not abs(atp.base_metric - exact.base_metric) <= BASE_METRIC_RTOL * scale:
+        raise ValueError(
+            f"cannot compare: AtP's base metric {atp.base_metric:.6g} differs from exact's "
+            f"{exact.base_metric:.6g}; the results come from different tasks or models"
+        )
+    if diagnostics is not None:
+        diagnostics = diagnostics.rethreshold(thresholds)
     common = [g for g in GRANULARITIES if g in atp.scores and g in exact.scores]
     if not common:
         raise ValueError(
@@ -569,7 +632,9 @@ def validate(atp: PatchResults, exact: PatchResults, diagnostics: Diagnostics | 
         by_family[fam] = stats
         r = stats["pearson"]
         negligible = stats["n"] and stats["max_abs_error"] <= t.small * unit
-        if negligible and not fam_flags:  # every error is negligible next to the gap
+        if stats["n"] == 0:  # nothing verified in this family
+            verdicts[fam] = "n/a"
+        elif negligible and not fam_flags:  # every error is negligible next to the gap
             verdicts[fam] = "reliable"
         elif stats["n"] and not np.isfinite(r):  # constant and not negligible
             verdicts[fam] = "caution"
@@ -595,12 +660,12 @@ def exact_components(model, task, granularity: str, indices: Sequence[Sequence[i
 
     **Returns:** ``(effects [n], base_metric, source_metric)`` (batch means, metric units).
     """
+    base_tokens, _ = task.runs(direction)  # raises for an unknown direction
     (granularity,) = check_granularities([granularity], model.config.attn_only)
     task.check_for(model)
     _, metric_fn = resolve_metric(metric, task)
     key, gaxes = GRANULARITIES[granularity]
     mask, positions = task.attention_mask, task.answer_positions
-    base_tokens, source_tokens = _runs(task, direction)
     clean_logits, clean_cache = model.run(task.clean_tokens, mask, cache_keys=(key,),
                                           logit_positions=positions)
     corrupt_logits, _ = model.run(task.corrupt_tokens, mask, logit_positions=positions)
@@ -613,7 +678,7 @@ def exact_components(model, task, granularity: str, indices: Sequence[Sequence[i
         base_logits, source_logits = clean_logits, corrupt_logits
     reference = MetricReference(clean_logits, corrupt_logits)
     source = source_cache[key]
-    axes = ("layer",) + SITE_AXES[key]
+    axes = ("layer",) + site_axes(key)
     shape = tuple(source.shape[i] if a in gaxes else 1 for i, a in enumerate(axes))
     where = [axes.index(a) for a in gaxes]
 
@@ -699,9 +764,12 @@ def budget_report(granularity: str, atp_values: np.ndarray, exact_values: np.nda
 
 def verify_budgeted(model, task, atp: PatchResults, top_k: int = 10, n_random: int = 10,
                     seed: int = 0, thresholds: Thresholds = Thresholds(),
-                    granularities: Sequence[str] | None = None,
+                    granularities: Sequence[str] | None = None, metric=None,
                     ) -> tuple[PatchResults, dict[str, BudgetReport]]:
     """Exact patching of AtP's top `top_k` components plus `n_random` random others.
+
+    `metric`: the metric function when `atp` used a custom callable (its results hold only the
+    name); None uses ``atp.metric`` (a name from :data:`attrpatch.METRICS`).
 
     **Returns:** ``(exact, reports)``: a ``method="exact"`` :class:`attrpatch.PatchResults`,
     NaN except at the verified components, and a :class:`BudgetReport` per granularity. A large
@@ -714,7 +782,8 @@ def verify_budgeted(model, task, atp: PatchResults, top_k: int = 10, n_random: i
         a = np.asarray(atp[g])
         top, rand = budget_sample(a, top_k, n_random, seed)
         idx = np.concatenate([top, rand]) if len(rand) else top
-        eff, base, source = exact_components(model, task, g, idx, atp.direction, atp.metric)
+        eff, base, source = exact_components(model, task, g, idx, atp.direction,
+                                             atp.metric if metric is None else metric)
         values = np.full(a.shape, np.nan)
         for i, v in zip(idx, eff, strict=True):
             values[tuple(i)] = v
@@ -726,11 +795,13 @@ def verify_budgeted(model, task, atp: PatchResults, top_k: int = 10, n_random: i
 
 
 def verify_random_rest(model, task, atp: PatchResults, exact: PatchResults, n_random: int = 32,
-                       seed: int = 0, thresholds: Thresholds = Thresholds(),
+                       seed: int = 0, thresholds: Thresholds = Thresholds(), metric=None,
                        ) -> dict[str, BudgetReport]:
     """For granularities where `exact` covers only some components (e.g. neurons verified for
     AtP's top ones), exact-patch `n_random` random uncovered ones too and estimate what the
     uncovered rest hides. Fills those entries of `exact` in place.
+
+    `metric`: the metric function when a custom callable was used (None: ``exact.metric``).
 
     **Returns:** a :class:`BudgetReport` per granularity that had uncovered components (its
     `top` = the components `exact` already covered).
@@ -748,7 +819,8 @@ def verify_random_rest(model, task, atp: PatchResults, exact: PatchResults, n_ra
         covered = np.stack(np.unravel_index(np.flatnonzero(np.isfinite(values)), values.shape), -1)
         pick = np.sort(rng.choice(missing, size=min(n_random, len(missing)), replace=False))
         rand = np.stack(np.unravel_index(pick, values.shape), -1)
-        eff, _, _ = exact_components(model, task, g, rand, exact.direction, exact.metric)
+        eff, _, _ = exact_components(model, task, g, rand, exact.direction,
+                                     exact.metric if metric is None else metric)
         for i, v in zip(rand, eff, strict=True):
             values[tuple(i)] = v
         exact.scores[g] = Scores(g, values, exact.scores[g].per_prompt)

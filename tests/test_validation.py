@@ -18,6 +18,7 @@ from attrpatch.validation import (
     budget_report,
     budget_sample,
     diagnose,
+    exact_components,
     pearson,
     rankdata,
     spearman,
@@ -121,9 +122,46 @@ def test_agreeing_components_not_flagged_and_thresholds_override():
     assert abs(v.by_family["heads"]["pearson"]) < 0.95 and v.verdicts["heads"] == "reliable"
     v = validate(results("atp", {"z": 10 * tiny_a}), results("exact", {"z": 10 * tiny_e}),
                  thresholds=Thresholds(small=0.001))
-    assert v.verdicts["heads"] in ("caution", "unreliable")
+    assert v.by_family["heads"]["pearson"] == pytest.approx(0.1619, abs=1e-3)
+    assert v.verdicts["heads"] == "unreliable"  # Pearson 0.16 < 0.8, errors not negligible
     with pytest.raises(ValueError, match="unknown threshold"):
         Thresholds().replace(not_a_threshold=1)
+
+
+def test_sign_flip_below_large_atp():
+    """Opposite signs with a large exact effect and a non-negligible AtP are a sign flip, even
+    when |AtP| is below `large` (gap 2: exact +0.12 of it, AtP -0.05 of it)."""
+    exact, atp = np.array([[0.24, 0.0]]), np.array([[-0.10, 0.0]])
+    v = validate(results("atp", {"z": atp}), results("exact", {"z": exact}))
+    assert [(f.index, f.kind) for f in v.flags] == [((0, 0), "sign flip")]
+    # a negligible AtP of the other sign is a false negative, not a sign flip
+    v = validate(results("atp", {"z": [[-0.01, 0.0]]}), results("exact", {"z": exact}))
+    assert [(f.index, f.kind) for f in v.flags] == [((0, 0), "false negative")]
+
+
+def test_family_without_verified_components_is_na():
+    atp = {"z": np.ones((2, 2)), "attn_out": np.ones((2, 3))}
+    exact = {"z": np.full((2, 2), np.nan), "attn_out": np.ones((2, 3))}
+    v = validate(results("atp", atp), results("exact", exact))
+    assert v.by_family["heads"]["n"] == 0 and v.verdicts["heads"] == "n/a"
+    assert v.verdicts["attention outputs"] == "reliable"
+
+
+def test_validate_refuses_incomparable_results():
+    a = {"z": np.ones((2, 2))}
+    noise = PatchResults("exact", "noise", "logit_diff", 0.0, 2.0, {"z": Scores("z", np.ones((2, 2)))})
+    with pytest.raises(ValueError, match="denoise but exact is noise"):
+        validate(results("atp", a), noise)
+    other_metric = PatchResults("exact", "denoise", "prob", 0.0, 2.0, {"z": Scores("z", np.ones((2, 2)))})
+    with pytest.raises(ValueError, match="metric"):
+        validate(results("atp", a), other_metric)
+    with pytest.raises(ValueError, match="different tasks or models"):
+        validate(results("atp", a, base=0.0), results("exact", a, base=0.7, source=2.7))
+    validate(results("atp", a, base=0.0), results("exact", a, base=1e-4))  # float noise is fine
+    ablation = results("exact", a)
+    ablation.source = "zero"  # PatchResults.source: what exact patching patched in
+    with pytest.raises(ValueError, match="ablation"):
+        validate(results("atp", a), ablation)
 
 
 def test_families_pool_granularities_and_mismatch_errors():
@@ -266,6 +304,66 @@ def test_budgeted_verification_matches_full_exact(tiny_model):
     assert exact_b.base_metric == pytest.approx(full.base_metric, abs=1e-5)
     v = validate(atp, exact_b)
     assert v.by_granularity["z"]["n"] == 5
+
+
+def test_diagnostics_ignore_padding_and_k_by_pos_uses_answer_row(tiny_model):
+    """Padded positions do not count: changing the padding tokens of the corrupted prompts
+    (padding the model never reads) leaves every diagnostic unchanged. `k_by_pos` saturation is
+    the answer row's, over prompts whose answer row sees the key."""
+    model = tiny_model[0]
+    rng = np.random.default_rng(5)
+    clean = rng.integers(1, model.config.d_vocab, (3, 7))
+    corrupt = clean.copy()
+    corrupt[:, 2] = rng.integers(1, model.config.d_vocab, 3)
+    mask = np.ones((3, 7), int)
+    mask[0, 5:] = 0  # prompt 0 has 5 real tokens
+    clean[0, 5:] = corrupt[0, 5:] = 0
+    task = Task(clean, corrupt, [3, 4, 5], [6, 7, 8], attention_mask=mask)
+    corrupt2 = corrupt.copy()
+    corrupt2[0, 5:] = [11, 12]  # other padding tokens in the corrupted (base) run
+    task2 = Task(clean, corrupt2, [3, 4, 5], [6, 7, 8], attention_mask=mask)
+    grans = ("resid_pre", "z", "q_by_pos", "k_by_pos", "k")
+    d, d2 = diagnose(model, task, grans), diagnose(model, task2, grans)
+    for s in ("big_patch", "attn_saturation", "estimate_base", "estimate_mid", "estimate_source"):
+        for g, v in getattr(d, s).items():
+            np.testing.assert_allclose(getattr(d2, s)[g], v, rtol=1e-5, atol=1e-7, err_msg=f"{s} {g}")
+    # k_by_pos: keys 0..4 are seen by every answer row, keys 5, 6 only by prompts 1 and 2
+    np.testing.assert_allclose(d.attn_saturation["k_by_pos"][:, 3], d.attn_saturation["k"], rtol=1e-6)
+    assert not np.allclose(d.attn_saturation["k_by_pos"][:, 6], d.attn_saturation["k"])
+    assert np.all(d.attn_saturation["k_by_pos"] <= 1.0)
+
+
+def test_revalidation_recomputes_threshold_dependent_diagnostics(tiny_model):
+    model = tiny_model[0]
+    task = _task(model, seed=4)
+    other = Thresholds(small=0.3, prob_saturation=0.6)
+    d0 = diagnose(model, task, ("z",), metric="prob")
+    d1 = diagnose(model, task, ("z",), metric="prob", thresholds=other)
+    assert not np.allclose(d0.nonlinearity["z"], d1.nonlinearity["z"])
+    r = d0.rethreshold(other)
+    np.testing.assert_allclose(r.nonlinearity["z"], d1.nonlinearity["z"], rtol=1e-6)
+    assert (r.metric_saturation, r.metric_saturation_reason) == (
+        d1.metric_saturation, d1.metric_saturation_reason)
+
+
+def test_custom_metric_and_direction_checks_in_exact_paths(tiny_model):
+    from attrpatch.attribution import attribute
+    from attrpatch.patching import patch
+    from attrpatch.task import logit_diff
+
+    def doubled(logits, task, reference):
+        return 2.0 * logit_diff(logits, task, reference)
+
+    model = tiny_model[0]
+    task = _task(model, seed=2)
+    atp = attribute(model, task, granularities=("z",), metric=doubled)
+    exact_b, _ = verify_budgeted(model, task, atp, top_k=2, n_random=1, metric=doubled)
+    full = patch(model, task, granularities=("z",), metric=doubled, progress=False)
+    done = np.isfinite(exact_b["z"])
+    assert done.sum() == 3
+    np.testing.assert_allclose(exact_b["z"][done], full["z"][done], atol=1e-4)
+    with pytest.raises(ValueError, match="direction"):
+        exact_components(model, task, "z", [(0, 0)], direction="sideways")
 
 
 def test_diagnostics_roundtrip_and_metric_saturation(tiny_model):
