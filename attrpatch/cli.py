@@ -4,12 +4,14 @@
   IOI model (or any checkpoint naming its task in ``attrpatch_task.json``), then the report.
 - ``attrpatch scan --model DIR --data FILE --out DIR [--sites ...] [--methods atp,exact]
   [--direction denoise|noise] [--metric NAME] [--verify-top K --verify-random R] [--by-pos]``.
-- ``attrpatch validate OUT_DIR [--threshold NAME=VALUE ...]``: re-validate saved results.
+- ``attrpatch validate OUT_DIR [--threshold NAME=VALUE ...]``: re-validate saved results (the
+  saved diagnostics hold raw estimates, so every threshold is applied afresh).
 
 Outputs (in ``--out``, written into a temporary directory beside it and renamed into place, so a
-failure leaves nothing half-written): ``results.npz`` (``atp/<granularity>``,
-``exact/<granularity>``), ``diagnostics.npz``, ``results.csv``, ``summary.json``, PNG figures and
-a self-contained ``report.html``.
+failure or Ctrl-C leaves nothing half-written; Ctrl-C exits with code 130): ``results.npz``
+(``atp/<granularity>``, ``exact/<granularity>``), ``diagnostics.npz``, ``results.csv``,
+``summary.json`` (strict JSON: NaN and infinities are ``null``), PNG figures and a
+self-contained ``report.html``.
 """
 
 from __future__ import annotations
@@ -23,13 +25,21 @@ import platform
 import shlex
 import shutil
 import sys
-import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from attrpatch.results import GRANULARITIES, PatchResults, Scores
+from attrpatch.atomic import replace_dir, staging_dir
+from attrpatch.results import (
+    DEFAULT_GRANULARITIES,
+    GRANULARITIES,
+    PatchResults,
+    Scores,
+    available_granularities,
+    needs_mlp,
+)
 from attrpatch.task import METRICS
 
 # TransformerLens short site names -> granularities (default, extra with --by-pos).
@@ -46,15 +56,20 @@ SITES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "pattern": (("pattern",), ("pattern_by_query",)),
     "post": (("post",), ("post_by_pos",)),
 }
-DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "z")
+DEFAULT_SITES = DEFAULT_GRANULARITIES  # less the MLP ones on attention-only models
 DEMO_RANDOM_NEURONS = 32  # exact-verify this many random neurons outside AtP's top 64
-MLP_SITE_NAMES = ("resid_mid", "mlp_out", "post", "post_by_pos")
 DEMO_SITES = ("resid_pre", "attn_out", "mlp_out", "z", "z_by_pos", "q", "k", "post")
 DEFAULT_MODEL = "ioi-gpt2-4l"
 
 
 class CLIError(Exception):
     """Bad input found before any compute: printed as ``attrpatch: error: ...``, exit code 2."""
+
+
+# Exit code after Ctrl-C (128 + SIGINT), with nothing written.
+EXIT_INTERRUPTED = 130
+# What `attrpatch.patching.patch` warns when Ctrl-C stops it (it then returns partial results).
+_PATCH_INTERRUPTED = "patch: interrupted"
 
 
 def default_model_dir() -> Path:
@@ -81,8 +96,7 @@ def sites_to_granularities(sites, by_pos: bool = False, attn_only: bool = False)
                            f"(or a granularity: {', '.join(GRANULARITIES)})")
     out = list(dict.fromkeys(out))
     if attn_only:
-        bad = [g for g in out if GRANULARITIES[g][0] in
-               ("hook_resid_mid", "hook_mlp_out", "mlp.hook_post")]
+        bad = [g for g in out if needs_mlp(g)]
         if bad:
             raise CLIError(f"site(s) {', '.join(bad)} need MLPs; this model is attention-only")
     return out
@@ -127,20 +141,12 @@ def check_out(out: Path) -> None:
 
 def _staging_dir(out: Path) -> Path:
     check_out(out)
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    return staging_dir(Path(out).resolve())
 
 
 def _commit(staging: Path, out: Path) -> None:
-    out = out.resolve()
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(old / out.name)
-        staging.rename(out)
-        shutil.rmtree(old)
-    else:
-        staging.rename(out)
+    """Move the finished `staging` directory to `out` (replacing a previous output)."""
+    replace_dir(staging, Path(out).resolve())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +182,7 @@ def results_meta(r: PatchResults | None) -> dict | None:
     if r is None:
         return None
     return {"method": r.method, "direction": r.direction, "metric": r.metric,
+            "source": getattr(r, "source", "default"),
             "base_metric": r.base_metric, "source_metric": r.source_metric, "gap": r.gap,
             "seconds": r.seconds, "granularities": list(r.scores)}
 
@@ -239,18 +246,29 @@ def write_outputs(out_dir: Path, atp, exact, validation, diagnostics, budget, ru
                         + (["diagnostics.npz"] if diagnostics is not None else [])
                         + [p.name for p in figures]),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    summary = json_safe(summary)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
     write_report(out_dir, summary, figures, validation)
     return summary
 
 
-def _json_default(x):
+def json_safe(x):
+    """`x` with numpy values as Python ones, paths as strings, and NaN / infinities as None
+    (strict JSON has no NaN)."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
     if isinstance(x, np.ndarray):
-        return x.tolist()
+        return json_safe(x.tolist())
     if isinstance(x, np.generic):
-        return x.item()
+        return json_safe(x.item())
     if isinstance(x, Path):
         return str(x)
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
@@ -332,8 +350,9 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
                 cfg = model.config
                 kwargs["neurons"] = atp if atp is not None else [
                     (layer, n) for layer in range(cfg.n_layers) for n in range(cfg.d_mlp)]
-            exact = patch(model, task, granularities=granularities, direction=direction,
-                          metric=metric, progress=not quiet, **kwargs)
+            exact = _patch_or_interrupt(patch, model, task, granularities=granularities,
+                                        direction=direction, metric=metric, progress=not quiet,
+                                        **kwargs)
             timings["exact_s"] = round(time.perf_counter() - t0, 3)
         if atp is not None and (verify_top or verify_random):
             t0 = time.perf_counter()
@@ -363,8 +382,30 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    summary["_validation"] = validation
     return summary
+
+
+def _patch_or_interrupt(patch, *args, **kwargs) -> PatchResults:
+    """`patch(*args, **kwargs)`, raising `KeyboardInterrupt` where Ctrl-C stopped it: the engine
+    then warns and returns partial results (NaN where not computed), which must not be written
+    as if complete. Its other warnings are passed on."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = patch(*args, **kwargs)
+    interrupted = not getattr(res, "complete", True)
+    for w in caught:
+        if str(w.message).startswith(_PATCH_INTERRUPTED):
+            interrupted = True
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if interrupted:
+        raise KeyboardInterrupt
+    return res
+
+
+def _num(x, fmt: str) -> str:
+    """`x` formatted, "n/a" for None / NaN (summary.json holds null for NaN)."""
+    return "n/a" if x is None or not np.isfinite(x) else format(x, fmt)
 
 
 def print_summary(summary: dict, out: Path, file=None) -> None:
@@ -377,20 +418,23 @@ def print_summary(summary: dict, out: Path, file=None) -> None:
         print(f"metric {a['metric']} ({a['direction']}): base {a['base_metric']:.4g}, "
               f"source {a['source_metric']:.4g}, gap {a['gap']:.4g}", file=file)
     if v:
+        # the recall columns the thresholds asked for (recall@K per top_k, then the share one)
+        recalls = [k for k in next(iter(v["by_family"].values()), {}) if k.startswith("recall@")]
         print(f"{'family':<20}{'verdict':<12}{'n':>6}{'pearson':>9}{'spearman':>9}"
-              f"{'recall@10':>10}{'flags':>7}", file=file)
+              + "".join(f"{k:>11}" for k in recalls) + f"{'flags':>7}", file=file)
         for fam, s in v["by_family"].items():
-            print(f"{fam:<20}{v['verdicts'][fam]:<12}{s['n']:>6}{s['pearson']:>9.3f}"
-                  f"{s['spearman']:>9.3f}{s.get('recall@10', float('nan')):>10.2f}"
-                  f"{s['n_flags']:>7}", file=file)
+            print(f"{fam:<20}{v['verdicts'][fam]:<12}{s['n']:>6}{_num(s['pearson'], '.3f'):>9}"
+                  f"{_num(s['spearman'], '.3f'):>9}"
+                  + "".join(f"{_num(s.get(k), '.2f'):>11}" for k in recalls)
+                  + f"{s['n_flags']:>7}", file=file)
         for f in v["flags"][:5]:
             print(f"  [{f['level']}] {f['label']}: {f['reason']}", file=file)
         if len(v["flags"]) > 5:
             print(f"  ... {len(v['flags']) - 5} more flags in results.csv", file=file)
     for g, b in (summary.get("budget") or {}).items():
         print(f"budget {g}: verified top {len(b['top'])} + {len(b['random'])} random of "
-              f"{b['n_components']}; est. missed large effects {b['missed_estimate']:.3g} "
-              f"(95% upper {b['missed_upper']:.3g})", file=file)
+              f"{b['n_components']}; est. missed large effects {_num(b['missed_estimate'], '.3g')} "
+              f"(95% upper {_num(b['missed_upper'], '.3g')})", file=file)
     if timings:
         print("timings: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()), file=file)
     print(f"report: {Path(out).resolve() / 'report.html'}", file=file)
@@ -410,8 +454,7 @@ def cmd_demo(args) -> int:
         task.check_for(model)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(str(e)) from e
-    sites = [s for s in DEMO_SITES if not (model.config.attn_only and s in MLP_SITE_NAMES)]
-    grans = sites_to_granularities(sites, attn_only=model.config.attn_only)
+    grans = list(available_granularities(model.config.attn_only, sites_to_granularities(DEMO_SITES)))
     thresholds = parse_thresholds(args.threshold)
     run = {"command": _command(), "subcommand": "demo", "model": str(model_dir),
            "data": "attrpatch_task.json", "direction": "denoise", "metric": task.metric,
@@ -440,7 +483,11 @@ def cmd_scan(args) -> int:
     thresholds = parse_thresholds(args.threshold)
     check_out(args.out)
     model = _load_model(args.model)
-    grans = sites_to_granularities(args.sites, args.by_pos, model.config.attn_only)
+    if args.sites is None:  # the defaults, less MLP sites on an attention-only model
+        grans = list(available_granularities(
+            model.config.attn_only, sites_to_granularities(DEFAULT_SITES, args.by_pos)))
+    else:
+        grans = sites_to_granularities(args.sites, args.by_pos, model.config.attn_only)
     try:
         task = load_task(args.data, model=model, model_dir=args.model, metric=args.metric,
                          prepend_bos=args.prepend_bos)
@@ -513,12 +560,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("scan", help="patch a model on a data file")
     s.add_argument("--model", required=True, help="checkpoint directory")
     s.add_argument("--data", required=True,
-                   help=".npz/.json token ids, or text prompts (.json/.jsonl/.csv, auto-circuit)")
+                   help=".npz/.json token ids, or text prompts (.json/.jsonl/.csv/.tsv, "
+                        "auto-circuit); see attrpatch.data")
     s.add_argument("--prepend-bos", action="store_true",
                    help="text prompts: put the tokenizer's BOS token first")
-    s.add_argument("--sites", nargs="+", default=list(DEFAULT_SITES),
+    s.add_argument("--sites", nargs="+", default=None,
                    help=f"TransformerLens short names: {', '.join(SITES)} (default: "
-                        f"{' '.join(DEFAULT_SITES)})")
+                        f"{' '.join(DEFAULT_SITES)}; mlp_out dropped on attention-only models)")
     s.add_argument("--by-pos", action="store_true",
                    help="head/pattern/neuron sites also per position (z_by_pos, ...)")
     s.add_argument("--methods", default="atp,exact", help="atp,exact (default) or one of them")
@@ -534,7 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_scan)
 
-    v = sub.add_parser("validate", help="re-validate saved results with other thresholds")
+    v = sub.add_parser(
+        "validate", help="re-validate saved results with other thresholds",
+        description="Re-validate a scan/demo output directory with other thresholds, rewriting "
+                    "it. Every threshold is applied afresh: the saved diagnostics hold raw "
+                    "estimates, and the threshold-dependent ones (nonlinearity, metric "
+                    "saturation) are recomputed.")
     v.add_argument("out_dir", help="a scan/demo output directory")
     v.add_argument("--threshold", action="append", metavar="NAME=VALUE", help=thr_help)
     v.set_defaults(func=cmd_validate)
@@ -550,6 +603,9 @@ def main(argv=None) -> int:
     except CLIError as e:
         print(f"attrpatch: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the staging directory is already gone; --out is untouched
+        print("attrpatch: interrupted; nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

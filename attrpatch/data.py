@@ -5,9 +5,9 @@ Accepted formats (chosen by content, not only by suffix):
 - **token ids**: ``.npz``, or ``.json`` with keys ``clean_tokens``, ``corrupt_tokens`` (int
   ``[batch, pos]``), ``correct_tokens``, ``incorrect_tokens`` (``[batch]`` or ``[batch, n]``), and
   optionally ``attention_mask`` ``[batch, pos]``.
-- **text**: ``.json`` (a list of objects, or ``{"prompts": [...]}``), ``.jsonl``, or ``.csv``
-  with fields ``clean``, ``corrupt``, ``answer``, ``wrong_answer``; tokenised with the model
-  directory's ``tokenizer.json``.
+- **text**: ``.json`` (a list of objects, or ``{"prompts": [...]}``), ``.jsonl``, ``.csv`` or
+  ``.tsv`` (tab-separated) with fields ``clean``, ``corrupt``, ``answer``, ``wrong_answer``;
+  tokenised with the model directory's ``tokenizer.json``.
 - **auto-circuit** prompts: ``{"prompts": [{"clean", "corrupt", "answers", "wrong_answers"}]}``
   (lists of answer strings; every prompt must have the same number of each).
 
@@ -67,7 +67,7 @@ def load_task(path: str | os.PathLike, model=None, model_dir: str | os.PathLike 
                 task = _from_text(prompts, tok, path, metric, prepend_bos)
         else:
             raise DataError(f"{path}: unknown data file type {suffix!r}; use .npz, .json, "
-                            ".jsonl or .csv")
+                            ".jsonl, .csv or .tsv")
     except DataError:
         raise
     except (ValueError, KeyError, TypeError) as e:
@@ -109,12 +109,11 @@ def _from_arrays(arrays: dict, path: Path, metric: str) -> Task:
             a = np.asarray(arrays[k])
         except ValueError as e:
             raise DataError(f"{path}: {k} is ragged (rows of different lengths): {e}") from e
-        if a.dtype == object or not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool
-                                     or (a.size == 0)):
-            if np.issubdtype(a.dtype, np.floating) and np.all(a == np.round(a)):
-                a = a.astype(np.int64)
-            else:
-                raise DataError(f"{path}: {k} must be integer token ids, got dtype {a.dtype}")
+        if k == "attention_mask" and a.dtype == bool:
+            a = a.astype(np.int32)
+        if not np.issubdtype(a.dtype, np.integer):  # bool or float token ids are a mistake
+            raise DataError(f"{path}: {k} must be an integer array of "
+                            f"{'0/1' if k == 'attention_mask' else 'token ids'}, got dtype {a.dtype}")
         out[k] = a
     if out["clean_tokens"].ndim != 2 or out["clean_tokens"].shape[0] == 0:
         raise DataError(f"{path}: clean_tokens must be a non-empty [batch, pos] array, "
@@ -215,14 +214,3 @@ def _from_text(prompts, tok, path: Path, metric: str, prepend_bos: bool = False)
     return Task(pad(clean), pad(corrupt), np.asarray(correct), np.asarray(incorrect),
                 attention_mask=None if mask.all() else mask, metric=metric)
 
-
-def save_task(task: Task, path: str | os.PathLike) -> None:
-    """Write a task's token ids as ``.npz`` (or ``.json``) that :func:`load_task` reads."""
-    path = Path(path)
-    arrays = {k: np.asarray(getattr(task, k)) for k in TOKEN_KEYS}
-    if task.attention_mask is not None:
-        arrays["attention_mask"] = np.asarray(task.attention_mask)
-    if path.suffix == ".json":
-        path.write_text(json.dumps({k: v.tolist() for k, v in arrays.items()}))
-    else:
-        np.savez(path, **arrays)

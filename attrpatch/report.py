@@ -23,9 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from attrpatch.results import FAMILIES, GRANULARITIES, PatchResults  # noqa: E402
-from attrpatch.validation import Validation, component_label  # noqa: E402
+from attrpatch.validation import Validation, recall_keys  # noqa: E402
 
-MAX_ROWS = 96  # grids with more rows than this are summarised (sum over the last axis)
 POINT_COLOURS = ("#1f77b4", "#2ca02c", "#17becf", "#7f7f7f", "#bcbd22", "#e377c2")
 FLAG_COLOURS = {"false negative": "#d62728", "false positive": "#ff7f0e",
                 "sign flip": "#9467bd", "magnitude error": "#8c564b"}
@@ -142,8 +141,10 @@ def scatter_figure(family: str, atp: PatchResults, exact: PatchResults, validati
     ax.set_xlabel(f"exact patching effect ({exact.metric})")
     ax.set_ylabel(f"AtP estimate ({atp.metric})")
     stats = validation.by_family[family]
-    ax.set_title(f"{family}: Pearson {stats['pearson']:.3f}, "
-                 f"recall@10 {stats.get('recall@10', float('nan')):.2f}", fontsize=10)
+    rk = f"recall@{max(validation.thresholds.top_k)}" if validation.thresholds.top_k else (
+        recall_keys(validation.thresholds)[-1])
+    ax.set_title(f"{family}: Pearson {_fmt(stats['pearson'])}, {rk} {_fmt(stats.get(rk))}",
+                 fontsize=10)
     ax.legend(fontsize=7, loc="best")
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -183,6 +184,8 @@ def _fmt(x) -> str:
         return "<br>".join(f"{html.escape(str(k))} = {_fmt(v)}" for k, v in x.items())
     if isinstance(x, (list, tuple)):
         return html.escape(", ".join(str(v) for v in x))
+    if x is None:
+        return "n/a"
     if isinstance(x, float):
         return "n/a" if not np.isfinite(x) else f"{x:.3g}"
     return html.escape(str(x))
@@ -208,23 +211,26 @@ def write_report(out_dir: str | Path, summary: dict, figures: Sequence[Path],
         h.append(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>")
     h.append("</table>")
     if validation is not None:
+        t = validation.thresholds
+        recalls = recall_keys(t)
         h.append("<h2>Verdict per site family</h2><table><tr><th>family</th><th>verdict</th>"
                  "<th>n</th><th>Pearson</th><th>Spearman</th><th>slope</th><th>sign agreement</th>"
-                 "<th>recall@5</th><th>recall@10</th><th>recall@5%</th><th>median |err| / |gap|</th>"
-                 "<th>max |err| / |gap|</th><th>flags (high)</th></tr>")
+                 + "".join(f"<th>{html.escape(k)}</th>" for k in recalls)
+                 + "<th>median |err| / |gap|</th><th>max |err| / |gap|</th><th>flags (high)</th></tr>")
         for fam, s in validation.by_family.items():
             v = validation.verdicts[fam]
             h.append(f"<tr><td>{html.escape(fam)}</td><td class='{v}'>{v}</td><td>{s['n']}</td>"
                      + "".join(f"<td>{_fmt(s.get(k, float('nan')))}</td>" for k in (
-                         "pearson", "spearman", "slope", "sign_agreement", "recall@5",
-                         "recall@10", "recall@5%", "median_abs_error_share", "max_abs_error_share"))
+                         "pearson", "spearman", "slope", "sign_agreement", *recalls,
+                         "median_abs_error_share", "max_abs_error_share"))
                      + f"<td>{s['n_flags']} ({s['n_high']})</td></tr>")
         h.append("</table>")
-        t = validation.thresholds
         h.append(f"<p>gap (source - base metric) = {validation.gap:.4g}; effects compared in units "
                  f"of {validation.unit:.4g}. Reliable: Pearson &ge; {t.reliable_pearson} and no "
                  f"high-severity flag, or every |AtP - exact| below {t.small:g} of the unit and "
-                 f"no flag; caution: Pearson &ge; {t.caution_pearson}; else unreliable.</p>")
+                 f"no flag; caution: Pearson &ge; {t.caution_pearson}; else unreliable; n/a: no "
+                 f"component of the family verified. Diagnosed causes use these thresholds "
+                 f"(re-validation recomputes them from the saved raw diagnostics).</p>")
         h.append(f"<h2>Flags ({len(validation.flags)}), by severity</h2>")
         if validation.flags:
             h.append("<table><tr><th>component</th><th>kind</th><th>severity</th><th>AtP</th>"
@@ -270,7 +276,3 @@ def write_report(out_dir: str | Path, summary: dict, figures: Sequence[Path],
     path.write_text("\n".join(h))
     return path
 
-
-def flag_labels(validation: Validation, tokens=None) -> list[str]:
-    """Labels of the flagged components (for printing)."""
-    return [component_label(f.granularity, f.index, tokens) for f in validation.flags]

@@ -153,6 +153,12 @@ def top_k_recall(exact: np.ndarray, atp: np.ndarray, k: int) -> float:
     return len(top_exact & top_atp) / k
 
 
+def recall_keys(thresholds: Thresholds = Thresholds()) -> list[str]:
+    """Names of the recall entries :func:`agreement` returns: ``recall@K`` for each K in
+    ``top_k``, then the share one (``recall@5%`` by default)."""
+    return [f"recall@{k}" for k in thresholds.top_k] + [f"recall@{thresholds.top_share:.0%}"]
+
+
 def agreement(atp: np.ndarray, exact: np.ndarray, gap: float,
               thresholds: Thresholds = Thresholds()) -> dict:
     """Agreement numbers for paired 1-D arrays of AtP scores and exact effects (finite entries).
@@ -182,10 +188,11 @@ def agreement(atp: np.ndarray, exact: np.ndarray, gap: float,
     out["sign_agreement"] = (
         float((np.sign(atp[big]) == np.sign(exact[big])).mean()) if big.any() else float("nan")
     )
-    for k in thresholds.top_k:
-        out[f"recall@{k}"] = top_k_recall(exact, atp, k)
+    *k_keys, share_key = recall_keys(thresholds)
+    for k, name in zip(thresholds.top_k, k_keys, strict=True):
+        out[name] = top_k_recall(exact, atp, k)
     share_k = max(1, math.ceil(thresholds.top_share * n))
-    out[f"recall@{thresholds.top_share:.0%}"] = top_k_recall(exact, atp, share_k) if n else math.nan
+    out[share_key] = top_k_recall(exact, atp, share_k) if n else math.nan
     err = np.abs(atp - exact)
     out["median_abs_error"] = float(np.median(err)) if n else float("nan")
     out["max_abs_error"] = float(err.max()) if n else float("nan")

@@ -20,6 +20,11 @@ N_VOCAB = 61
 WORDS = ["<unk>"] + [f"w{i}" for i in range(1, N_VOCAB - 1)] + ["<bos>"]
 DEMO_GRANS = ("resid_pre", "attn_out", "mlp_out", "z", "z_by_pos", "q", "k", "post")
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "ioi-gpt2-4l"
+ATTN_ONLY = Path(__file__).resolve().parent.parent / "models" / "attn-only-2l-induction"
+
+
+def _no_nan(constant):
+    raise AssertionError(f"summary.json is not strict JSON: {constant}")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,7 @@ def _report_refs(html: str) -> list[str]:
 
 
 def _check_outputs(out: Path, methods=("atp", "exact"), grans=("z", "attn_out")):
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=_no_nan)
     for name in summary["files"]:
         assert (out / name).is_file(), name
     with np.load(out / "results.npz") as f:
@@ -106,6 +111,86 @@ def test_scan_end_to_end_and_revalidate(ckpt, npz_data, tmp_path, capsys):
     assert summary2["validation"]["thresholds"]["large"] == 1000
     assert not any(r["flag"] for r in rows2)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    # other recall thresholds: the columns follow them (summary, printout, report)
+    capsys.readouterr()
+    rc = main(["validate", str(out), "--threshold", "top_k=3", "--threshold", "top_share=0.25"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    summary3, _, html3 = _check_outputs(out)
+    stats = summary3["validation"]["by_family"]["heads"]
+    assert [k for k in stats if k.startswith("recall@")] == ["recall@3", "recall@25%"]
+    assert stats["recall@3"] is not None
+    for text in (printed, html3):
+        assert "recall@3" in text and "recall@25%" in text and "recall@10" not in text
+
+
+def test_interrupted_exact_writes_nothing(ckpt, npz_data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during exact patching: the engine returns NaN-filled partial results with a
+    warning; the CLI must not commit them as complete (exit 130, nothing written, a previous
+    output left as it was)."""
+    import warnings
+
+    import attrpatch.patching
+    from attrpatch.results import PatchResults, Scores
+
+    def interrupted_patch(model, task, granularities, direction, metric, progress, **kw):
+        warnings.warn("patch: interrupted; returning partial results (NaN where not computed)",
+                      stacklevel=2)
+        z = np.full((2, 4), np.nan)
+        z[0] = 0.1  # layer 0 finished, layer 1 not
+        return PatchResults("exact", direction, "logit_diff", 0.0, 1.0, {"z": Scores("z", z)})
+
+    def incomplete_patch(*args, **kw):  # a `complete` flag and no warning
+        res = interrupted_patch(*args, **kw)
+        res.complete = False
+        return res
+
+    out = tmp_path / "out"
+    args = ["scan", "--model", str(ckpt), "--data", str(npz_data), "--sites", "z", "--out",
+            str(out), "--quiet"]
+    for fake in (interrupted_patch, incomplete_patch):
+        monkeypatch.setattr(attrpatch.patching, "patch", fake)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rc = main(args)
+        assert rc == 130
+        assert "interrupted; nothing written" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == []  # no out, no staging dir
+    # a previous complete output survives an interrupted rerun untouched
+    monkeypatch.undo()
+    assert main(args) == 0
+    before = (out / "summary.json").read_text()
+    monkeypatch.setattr(attrpatch.patching, "patch", interrupted_patch)
+    assert main(args) == 130
+    assert (out / "summary.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_json_safe_maps_non_finite_to_null():
+    from attrpatch.cli import json_safe
+
+    x = {"a": float("nan"), "b": [np.float32(np.inf), 1.5, np.int64(3)], "c": np.array([np.nan, 2.0]),
+         "d": None, "e": "s", "f": (True,)}
+    assert json.dumps(json_safe(x), allow_nan=False) == (
+        '{"a": null, "b": [null, 1.5, 3], "c": [null, 2.0], "d": null, "e": "s", "f": [true]}')
+
+
+@pytest.mark.skipif(not (ATTN_ONLY / "config.json").is_file(), reason="attention-only model absent")
+def test_scan_attention_only_default_sites(tmp_path):
+    """The default --sites on an attention-only model: mlp_out dropped, not an error."""
+    rng = np.random.default_rng(1)
+    clean = rng.integers(1, 60, (2, 6))
+    corrupt = clean.copy()
+    corrupt[:, 2] = rng.integers(1, 60, 2)
+    data = tmp_path / "d.npz"
+    np.savez(data, clean_tokens=clean, corrupt_tokens=corrupt, correct_tokens=[3, 4],
+             incorrect_tokens=[5, 6])
+    out = tmp_path / "out"
+    rc = main(["scan", "--model", str(ATTN_ONLY), "--data", str(data), "--methods", "atp",
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["atp"]["granularities"] == ["resid_pre", "attn_out", "z"]
 
 
 def test_budgeted_scan(ckpt, npz_data, tmp_path):
@@ -151,8 +236,14 @@ def test_demo_shipped_model(tmp_path):
     summary, _, html = _check_outputs(out, grans=DEMO_GRANS)
     assert Path(summary["run"]["model"]).resolve() == SHIPPED
     assert abs(summary["exact"]["gap"]) > 0.5  # a trained model: clean and corrupt differ
-    assert set(summary["validation"]["verdicts"]) == {
+    verdicts = summary["validation"]["verdicts"]
+    assert set(verdicts) == {
         "residual stream", "attention outputs", "MLP outputs", "heads", "q/k/v", "neurons"}
+    assert verdicts["heads"] == "reliable"  # the model card: Pearson 1.000, no high flags
+    with np.load(out / "results.npz") as f:
+        z = f["exact/z"]
+    layer, head = np.unravel_index(np.argmax(np.abs(z)), z.shape)
+    assert (layer, head) == (3, 2)  # the card's finding: L3H2 is the largest head
 
 
 def test_sites_mapping():
@@ -208,6 +299,10 @@ BAD = {
                               "wrong_answer": "w6"}], "not in the tokenizer"),
     "text lengths differ": ([{"clean": "w1 w2", "corrupt": "w1 w3 w4", "answer": "w4",
                               "wrong_answer": "w6"}], "same length"),
+    "float token ids": ({"clean_tokens": [[1.5, 2.0]], "corrupt_tokens": [[1, 3]],
+                         "correct_tokens": [1], "incorrect_tokens": [2]}, "must be an integer array"),
+    "bool token ids": ({"clean_tokens": [[True, False]], "corrupt_tokens": [[1, 3]],
+                        "correct_tokens": [1], "incorrect_tokens": [2]}, "must be an integer array"),
     "missing text field": ([{"clean": "w1 w2", "corrupt": "w1 w3", "answer": "w4"}],
                            "missing field.*wrong_answer"),
 }
