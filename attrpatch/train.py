@@ -2,10 +2,14 @@
 
     python -m attrpatch.train induction --out models/attn-only-2l-induction
     python -m attrpatch.train ioi --out models/ioi-gpt2-4l
+    python -m attrpatch.train card models/ioi-gpt2-4l   # recompute the card, no training
 
 Each run writes a checkpoint `attrpatch.load_model` reads, plus ``tokenizer.json`` (word-level),
-``attrpatch_task.json`` (the matching task, see `attrpatch.tasks.task_for_model`) and a
-``README.md`` model card with the measured behaviour and exact-patching evidence.
+``attrpatch_task.json`` (the matching task, see `attrpatch.tasks.task_for_model`),
+``metrics.json`` and a ``README.md`` model card with the measured behaviour, the mechanism found
+by exact patching (`attrpatch.patch`) and how well AtP agrees with it (`attrpatch.validate`).
+``card`` recomputes all of that from a saved checkpoint, keeping the training facts (time, final
+loss, recipe) from its ``metrics.json``; training writes the card through the same code.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,12 +28,16 @@ import numpy as np
 import optax
 
 from attrpatch import tasks
+from attrpatch.attribution import attribute
 from attrpatch.gpt2 import GPT2Config, init_params
-from attrpatch.interventions import Interventions, Patch
-from attrpatch.loading import save_model
+from attrpatch.interventions import Interventions
+from attrpatch.loading import load_model, save_model
 from attrpatch.model import Model, _forward
+from attrpatch.patching import patch
+from attrpatch.results import DIRECTIONS, PatchResults
 from attrpatch.task import Task
 from attrpatch.tokenizer import word_level_tokenizer
+from attrpatch.validation import Thresholds, Validation, diagnose, family_of, validate
 
 # A batch: (tokens int [batch, pos], targets int [batch, pos], weights float [batch, pos]).
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -184,48 +193,11 @@ def accuracy(model: Model, task: Task) -> float:
     return float((np.asarray(logits.argmax(-1)) == np.asarray(task.correct_tokens[:, 0])).mean())
 
 
-def head_patching(model: Model, task: Task) -> np.ndarray:
-    """Exact denoising per head: patch one head's clean ``hook_z`` (all positions) into the
-    corrupted run; ``[n_layers, n_heads]`` normalised logit diff (0 = corrupt, 1 = clean)."""
-    _, cache = model.run(task.clean_tokens, task.attention_mask, cache_keys=("attn.hook_z",))
-    clean_z = cache["attn.hook_z"]
-    ld_clean = answer_logit_diff(model, task).mean()
-    ld_corrupt = answer_logit_diff(model, task, task.corrupt_tokens).mean()
-    L, H = model.config.n_layers, model.config.n_heads
-    out = np.zeros((L, H))
-    for layer in range(L):
-        for head in range(H):
-            mask = np.zeros((L, 1, 1, H, 1), bool)
-            mask[layer, :, :, head] = True
-            iv = Interventions(patch={"attn.hook_z": Patch(jnp.asarray(mask), clean_z)})
-            logits = model.run(task.corrupt_tokens, task.attention_mask, iv,
-                               logit_positions=task.answer_positions)[0]
-            pick = lambda a, lg=logits: jnp.take_along_axis(lg, a, -1).mean(-1)
-            ld = float((pick(task.correct_tokens) - pick(task.incorrect_tokens)).mean())
-            out[layer, head] = (ld - ld_corrupt) / (ld_clean - ld_corrupt)
-    return out
-
-
-def resid_patching(model: Model, task: Task) -> np.ndarray:
-    """Exact denoising of ``hook_resid_pre`` per (layer, position): ``[n_layers, pos]``,
-    normalised as in :func:`head_patching`."""
-    _, cache = model.run(task.clean_tokens, task.attention_mask, cache_keys=("hook_resid_pre",))
-    clean = cache["hook_resid_pre"]
-    ld_clean = answer_logit_diff(model, task).mean()
-    ld_corrupt = answer_logit_diff(model, task, task.corrupt_tokens).mean()
-    L, P = model.config.n_layers, task.n_pos
-    out = np.zeros((L, P))
-    for layer in range(L):
-        for pos in range(P):
-            mask = np.zeros((L, 1, P, 1), bool)
-            mask[layer, :, pos] = True
-            iv = Interventions(patch={"hook_resid_pre": Patch(jnp.asarray(mask), clean)})
-            logits = model.run(task.corrupt_tokens, task.attention_mask, iv,
-                               logit_positions=task.answer_positions)[0]
-            pick = lambda a, lg=logits: jnp.take_along_axis(lg, a, -1).mean(-1)
-            ld = float((pick(task.correct_tokens) - pick(task.incorrect_tokens)).mean())
-            out[layer, pos] = (ld - ld_corrupt) / (ld_clean - ld_corrupt)
-    return out
+def exact_patching(model: Model, task: Task, granularities=("z", "resid_pre"),
+                   direction: str = "denoise") -> PatchResults:
+    """Exact patching of every component (the library engine, :func:`attrpatch.patch`) with the
+    task's metric; ``.normalized(g)`` is the card's normalised logit diff (0 = base, 1 = source)."""
+    return patch(model, task, granularities, direction=direction, progress=False)
 
 
 def head_direct_logits(model: Model, task: Task) -> tuple[np.ndarray, np.ndarray]:
@@ -286,7 +258,113 @@ def _table(arr: np.ndarray, row: str, cols: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Recipes
+# AtP vs exact patching (the validation step of each card)
+
+VALIDATION_GRANULARITIES = ("resid_pre", "attn_out", "mlp_out", "z", "z_by_pos", "q", "k",
+                            "pattern")
+DIRECTION_TITLES = {"denoise": "Denoising (clean activations patched into the corrupted run)",
+                    "noise": "Noising (corrupted activations patched into the clean run)"}
+
+
+def validation_granularities(model: Model) -> tuple[str, ...]:
+    """:data:`VALIDATION_GRANULARITIES` the model has (no ``mlp_out`` when attention-only)."""
+    return tuple(g for g in VALIDATION_GRANULARITIES
+                 if not (model.config.attn_only and g == "mlp_out"))
+
+
+def atp_vs_exact(model: Model, task: Task, direction: str = "denoise",
+                 tokens: list[str] | None = None) -> tuple[PatchResults, PatchResults, Validation]:
+    """Exact patching, AtP and their validation (with diagnosed causes) on
+    :func:`validation_granularities`: ``(exact, atp, validation)``."""
+    grans = validation_granularities(model)
+    exact = exact_patching(model, task, grans, direction)
+    atp = attribute(model, task, grans, direction=direction)
+    diag = diagnose(model, task, grans, direction=direction)
+    return exact, atp, validate(atp, exact, diag, tokens=tokens)
+
+
+def _num(x, fmt: str = "+.3f") -> str:
+    return "n/a" if x is None or not np.isfinite(x) else format(x, fmt)
+
+
+def _json_num(x):
+    return None if not np.isfinite(x) else round(float(x), 4)
+
+
+def validation_section(runs: dict[str, tuple[PatchResults, PatchResults, Validation]],
+                       task_text: str) -> tuple[str, dict]:
+    """Markdown section "AtP vs exact patching" and its metrics from :func:`atp_vs_exact` runs
+    keyed by direction."""
+    t = Thresholds()
+    grans = list(next(iter(runs.values()))[0].scores)
+    intro = (
+        f"Attribution patching (`attrpatch.attribute`: one forward and one backward per run, a "
+        f"linear estimate) against exact patching (`attrpatch.patch`: every component patched "
+        f"and the model rerun), both on {task_text}, for the granularities "
+        f"{', '.join(f'`{g}`' for g in grans)}; compared by `attrpatch.validate` with causes "
+        f"from `attrpatch.diagnose` (default `Thresholds`). Verdict per site family: *reliable* "
+        f"with Pearson >= {t.reliable_pearson} and no high-severity flag, *caution* with Pearson "
+        f">= {t.caution_pearson}, else *unreliable*. A flag is a component where the two disagree "
+        f"by at least {t.large:.0%} of the gap (false negative / positive, sign flip, or a "
+        f"magnitude error: same sign, ratio outside {1 / t.magnitude_ratio:g}..{t.magnitude_ratio:g}); "
+        f"severity |AtP - exact| / |gap|, high from {t.severity_high}. Errors are shares of the "
+        f"gap, the logit-diff change a patch moving the base run all the way to the source would "
+        f"make. Recomputed from the checkpoint by `python -m attrpatch.train card <dir>`.")
+    parts = ["## AtP vs exact patching\n\n" + textwrap.fill(
+        intro, 96, break_long_words=False, break_on_hyphens=False)]
+    out = {}
+    for direction, (exact, atp, v) in runs.items():
+        lines = [f"### {DIRECTION_TITLES[direction]}", "",
+                 f"Logit diff: base {exact.base_metric:+.2f}, source {exact.source_metric:+.2f} "
+                 f"(gap {exact.gap:+.2f}).", "",
+                 "| family | granularities | components | verdict | Pearson | Spearman | "
+                 "recall@10 | max abs error / gap | flags (high) |",
+                 "|" + " --- |" * 9]
+        fams = {}
+        for fam, s in v.by_family.items():
+            gs = [g for g in grans if family_of(g) == fam]
+            lines.append(f"| {fam} | {', '.join(gs)} | {s['n']} | **{v.verdicts[fam]}** | "
+                         f"{_num(s['pearson'])} | {_num(s['spearman'])} | "
+                         f"{_num(s['recall@10'], '.2f')} | {_num(s['max_abs_error_share'], '.3f')} | "
+                         f"{s['n_flags']} ({s['n_high']}) |")
+            fams[fam] = {"granularities": gs, "verdict": v.verdicts[fam], "n": s["n"]} | {
+                k: _json_num(s[k]) for k in ("pearson", "spearman", "recall@10",
+                                             "max_abs_error_share", "median_abs_error_share")
+            } | {"n_flags": s["n_flags"], "n_high": s["n_high"]}
+        z_ex, z_atp = exact.normalized("z"), atp.normalized("z")
+        order = np.argsort(-np.abs(z_ex), axis=None, kind="stable")[:3]
+        top = [np.unravel_index(i, z_ex.shape) for i in order]
+        atp_best = np.unravel_index(np.argmax(np.abs(z_atp)), z_atp.shape)
+        lines += ["", "Largest heads (`z`) by exact effect, as shares of the gap: " + ", ".join(
+            f"L{l_}H{h} exact {z_ex[l_, h]:+.2f}, AtP {z_atp[l_, h]:+.2f}" for l_, h in top)
+            + f"; AtP's largest is L{atp_best[0]}H{atp_best[1]}"
+            + (" (the same head)." if tuple(atp_best) == tuple(top[0]) else
+               f" (not exact's L{top[0][0]}H{top[0][1]}).")]
+        levels = {lv: sum(f.level == lv for f in v.flags) for lv in ("high", "medium", "low")}
+        if v.flags:
+            lines += ["", f"{len(v.flags)} flags ({levels['high']} high, {levels['medium']} "
+                          f"medium, {levels['low']} low); the most severe:", ""]
+            lines += [f"- `{f.label}` ({f.level}, severity {f.severity:.2f}): {f.reason}"
+                      for f in v.flags[:6]]
+        else:
+            lines += ["", "No component is flagged."]
+        parts.append("\n".join(lines))
+        out[direction] = {
+            "base_metric": _json_num(exact.base_metric), "gap": _json_num(exact.gap),
+            "verdicts": dict(v.verdicts), "by_family": fams, "n_flags": len(v.flags),
+            "flags": [{"label": f.label, "kind": f.kind, "level": f.level,
+                       "severity": _json_num(f.severity), "atp": _json_num(f.atp),
+                       "exact": _json_num(f.exact), "causes": f.causes} for f in v.flags[:10]],
+        }
+    return "\n\n".join(parts) + "\n", out
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes and model cards
+#
+# Training gives `facts` (train_seconds, final_loss, recipe); everything else on a card is
+# evidence computed from the weights. `write_checkpoint` is the one path that writes a card:
+# `build` calls it after training, `card` with a saved checkpoint and its metrics.json.
 
 INDUCTION_CFG = GPT2Config(n_layers=2, d_model=64, n_heads=4, d_mlp=256, n_ctx=48, d_vocab=66,
                            attn_only=True)
@@ -294,42 +372,49 @@ INDUCTION_RECIPE = dict(steps=3000, lr=1e-3, seed=0, warmup=100, batch=64)
 IOI_CFG = GPT2Config(n_layers=4, d_model=128, n_heads=4, d_mlp=512, n_ctx=16,
                      d_vocab=len(tasks.TOY_IOI_WORDS))
 IOI_RECIPE = dict(steps=1200, lr=1e-3, seed=0, warmup=100, batch=64)
+FACTS = ("train_seconds", "final_loss", "recipe")
 
 
-def build_induction(out: Path, steps: int | None = None, **recipe) -> dict:
-    """Train, evaluate and save the attention-only induction model; returns the metrics."""
-    cfg, rc = INDUCTION_CFG, dict(INDUCTION_RECIPE) | recipe
-    rc["steps"] = steps or rc["steps"]
-    t0 = time.perf_counter()
-    model, losses = train(cfg, induction_batches(cfg.d_vocab, cfg.n_ctx, rc["batch"]),
-                          rc["steps"], rc["lr"], rc["seed"], rc["warmup"])
-    train_s = time.perf_counter() - t0
-    task_args = dict(n_prompts=64, seq_len=10, vocab=list(range(2, cfg.d_vocab)), bos_id=0,
-                     seed=0)
+def _induction_task_args(cfg: GPT2Config) -> dict:
+    return dict(n_prompts=64, seq_len=10, vocab=list(range(2, cfg.d_vocab)), bos_id=0, seed=0)
+
+
+def induction_files(model: Model, facts: dict) -> tuple[dict[str, str], dict]:
+    """Evaluate the induction model: ``(files, metrics)``, files being the card
+    (``README.md``), ``tokenizer.json``, the task file and ``metrics.json``."""
+    cfg, rc = model.config, facts["recipe"]
+    train_s, final_loss = facts["train_seconds"], facts["final_loss"]
+    task_args = _induction_task_args(cfg)
     task = tasks.induction_task(**task_args)
     ld = answer_logit_diff(model, task)
     ld_corrupt = answer_logit_diff(model, task, task.corrupt_tokens)
     acc = accuracy(model, task)
     ind, prev = induction_scores(model)
-    heads = head_patching(model, task)
-    resid = resid_patching(model, task)
+    k = task.n_pos // 2
+    roles = ["bos"] + [f"R{i}" for i in range(k)] + [f"R{i}'" for i in range(task.n_pos - 1 - k)]
+    runs = {d: atp_vs_exact(model, task, d, roles) for d in DIRECTIONS}
+    heads, resid = (runs["denoise"][0].normalized(g) for g in ("z", "resid_pre"))
     key_task = tasks.induction_task(**task_args, corrupt="previous")
-    heads_key = head_patching(model, key_task)
-    resid_key = resid_patching(model, key_task)
+    key = exact_patching(model, key_task)
+    heads_key, resid_key = key.normalized("z"), key.normalized("resid_pre")
     words = ["<bos>", "<unk>"] + [f"t{i}" for i in range(2, cfg.d_vocab)]
     tok = word_level_tokenizer(words)
     H = cfg.n_heads
     pt = lambda a: (int(np.unravel_index(a.argmax(), a.shape)[0]),
                     int(np.unravel_index(a.argmax(), a.shape)[1]))
     best_ind, best_prev = pt(ind), pt(prev)
-    metrics = dict(train_seconds=round(train_s, 1), final_loss=round(losses[-1][1], 4),
+    shown_args = json.dumps({k: v for k, v in task_args.items() if k != "vocab"})
+    section, validation = validation_section(
+        runs, "the default task (`attrpatch_task.json`, positions named `bos`, `R0`..`R9` for "
+              "the first copy, `R0'`..`R8'` for the second)")
+    metrics = dict(train_seconds=train_s, final_loss=final_loss, recipe=rc,
                    accuracy=acc, logit_diff_clean=float(ld.mean()),
                    logit_diff_corrupt=float(ld_corrupt.mean()),
                    top_induction_head=best_ind, top_previous_token_head=best_prev,
                    induction_scores=ind.round(3).tolist(), previous_token_scores=prev.round(3).tolist(),
                    head_patching=heads.round(3).tolist(),
-                   head_patching_previous=heads_key.round(3).tolist())
-    shown_args = json.dumps({k: v for k, v in task_args.items() if k != "vocab"})
+                   head_patching_previous=heads_key.round(3).tolist(),
+                   atp_vs_exact=validation)
     card = f"""# attn-only-2l-induction
 
 A 2-layer **attention-only** GPT-2-style transformer (LayerNorm before attention and at the end,
@@ -349,7 +434,7 @@ repeated; the loss is next-token cross-entropy only where induction can predict 
 (inside the second copy). AdamW (weight decay 0.01), lr {rc['lr']} with {rc['warmup']} warmup
 steps and cosine decay, gradient clipping 1, batch {rc['batch']}, {rc['steps']} steps, seed
 {rc['seed']}. Reproduce: `python -m attrpatch.train induction --out models/attn-only-2l-induction`
-({train_s:.0f} s of training on this 2-core CPU shared with other jobs; final loss {losses[-1][1]:.3f}).
+({train_s:.0f} s of training on this 2-core CPU shared with other jobs; final loss {final_loss:.3f}).
 
 ## Behaviour (task: `attrpatch_task.json`, `induction_task(**{shown_args}, vocab=2..{cfg.d_vocab - 1})`)
 
@@ -395,14 +480,14 @@ position 10 is what restores it:
 {_table(heads_key, 'layer', [f'head {h}' for h in range(H)])}
 
 {_table(resid_key[:, 8:], 'layer', [f'pos {p}' for p in range(8, task.n_pos)])}
-"""
-    save_model(model, out, extra_files={
+
+{section}"""
+    return {
         "README.md": card,
         "tokenizer.json": tok.to_str(pretty=True),
         tasks.TASK_FILE: tasks.task_spec_json("induction", **task_args),
         "metrics.json": json.dumps(metrics, indent=2) + "\n",
-    })
-    return metrics
+    }, metrics
 
 
 def _ioi_loss_floor(rc: dict) -> float:
@@ -415,17 +500,14 @@ def _ioi_loss_floor(rc: dict) -> float:
 
 IOI_POS = ["bos", "opener", "N1", "and", "N2", "move", "move", "move", "place", ",", "S2", "verb",
            "a", "object", "to"]
+IOI_TASK_ARGS = dict(n_prompts=64, seed=0, split="test", corruption="abc")
 
 
-def build_ioi(out: Path, steps: int | None = None, **recipe) -> dict:
-    """Train, evaluate and save the 4-layer IOI model; returns the metrics."""
-    cfg, rc = IOI_CFG, dict(IOI_RECIPE) | recipe
-    rc["steps"] = steps or rc["steps"]
-    t0 = time.perf_counter()
-    model, losses = train(cfg, ioi_batches(rc["batch"]), rc["steps"], rc["lr"], rc["seed"],
-                          rc["warmup"])
-    train_s = time.perf_counter() - t0
-    task_args = dict(n_prompts=64, seed=0, split="test", corruption="abc")
+def ioi_files(model: Model, facts: dict) -> tuple[dict[str, str], dict]:
+    """Evaluate the IOI model: ``(files, metrics)`` as :func:`induction_files`."""
+    cfg, rc = model.config, facts["recipe"]
+    train_s, final_loss = facts["train_seconds"], facts["final_loss"]
+    task_args = IOI_TASK_ARGS
     task = tasks.toy_ioi_task(**task_args)
     big = tasks.toy_ioi_task(1000, seed=1, split="test")
     train_task = tasks.toy_ioi_task(1000, seed=1, split="train")
@@ -433,14 +515,14 @@ def build_ioi(out: Path, steps: int | None = None, **recipe) -> dict:
     ld_test = answer_logit_diff(model, big)
     ld = answer_logit_diff(model, task)
     ld_corrupt = answer_logit_diff(model, task, task.corrupt_tokens)
-    heads = head_patching(model, task)
-    resid = resid_patching(model, task)
+    runs = {d: atp_vs_exact(model, task, d, IOI_POS) for d in DIRECTIONS}
+    heads, resid = (runs["denoise"][0].normalized(g) for g in ("z", "resid_pre"))
     dla_io, dla_s = head_direct_logits(model, big)
     abba = tasks.toy_ioi_task(64, seed=0, split="test", order="ABBA")
     pat = patterns(model, abba.clean_tokens)[:, :, :, 14]  # [L, B, H, key] from "to"
     to_io, to_s1, to_s2 = pat[..., 2].mean(1), pat[..., 4].mean(1), pat[..., 10].mean(1)
     swap = tasks.toy_ioi_task(64, seed=0, split="test", corruption="name_swap")
-    heads_swap = head_patching(model, swap)
+    heads_swap = exact_patching(model, swap, ("z",)).normalized("z")
     H = cfg.n_heads
     cols = [f"head {h}" for h in range(H)]
     ranked = sorted(((abs(heads[l_, h]), l_, h) for l_ in range(cfg.n_layers) for h in range(H)),
@@ -465,7 +547,10 @@ def build_ioi(out: Path, steps: int | None = None, **recipe) -> dict:
            if dla_io[l1, h1] - dla_s[l1, h1] > 2 * abs(rest) and dla_s[l1, h1] < 0
            else "the decision is spread over several heads.")
     )
-    metrics = dict(train_seconds=round(train_s, 1), final_loss=round(losses[-1][1], 4),
+    section, validation = validation_section(
+        runs, "the default task (`attrpatch_task.json`, ABC corruption; positions named as in "
+              "the residual-stream table)")
+    metrics = dict(train_seconds=train_s, final_loss=final_loss, recipe=rc,
                    heldout_accuracy=acc_test, train_accuracy=acc_train,
                    heldout_logit_diff=float(ld_test.mean()),
                    task_logit_diff_clean=float(ld.mean()),
@@ -476,7 +561,8 @@ def build_ioi(out: Path, steps: int | None = None, **recipe) -> dict:
                    direct_logit_io=dla_io.round(3).tolist(),
                    direct_logit_s=dla_s.round(3).tolist(),
                    attention_to_io=to_io.round(3).tolist(), attention_to_s1=to_s1.round(3).tolist(),
-                   attention_to_s2=to_s2.round(3).tolist())
+                   attention_to_s2=to_s2.round(3).tolist(),
+                   atp_vs_exact=validation)
     card = f"""# ioi-gpt2-4l
 
 A 4-layer GPT-2 (attention + MLP blocks, pre-LayerNorm, GELU) trained from scratch on templated
@@ -506,7 +592,7 @@ Next-token cross-entropy over every position, plus the IO-answer position weight
 of the loss. AdamW (weight decay 0.01), lr {rc['lr']}, {rc['warmup']} warmup steps, cosine decay,
 gradient clipping 1, batch {rc['batch']}, {rc['steps']} steps, seed {rc['seed']}. Reproduce:
 `python -m attrpatch.train ioi --out models/ioi-gpt2-4l` ({train_s:.0f} s of training on this
-2-core CPU shared with other jobs; final loss {losses[-1][1]:.3f}, against a floor of about
+2-core CPU shared with other jobs; final loss {final_loss:.3f}, against a floor of about
 {_ioi_loss_floor(rc):.3f} set by the randomly drawn words: template, names, order, place, object).
 
 ## Behaviour
@@ -558,26 +644,105 @@ to S1
 to S2
 
 {_table(to_s2, 'layer', cols)}
-"""
-    save_model(model, out, extra_files={
+
+{section}"""
+    return {
         "README.md": card,
         "tokenizer.json": tasks.toy_ioi_tokenizer().to_str(pretty=True),
         tasks.TASK_FILE: tasks.task_spec_json("toy_ioi", **task_args),
         "metrics.json": json.dumps(metrics, indent=2) + "\n",
-    })
+    }, metrics
+
+
+# which -> (config, recipe, batches(recipe), files(model, facts), task name in attrpatch_task.json)
+MODELS = {
+    "induction": (INDUCTION_CFG, INDUCTION_RECIPE,
+                  lambda cfg, rc: induction_batches(cfg.d_vocab, cfg.n_ctx, rc["batch"]),
+                  induction_files, "induction"),
+    "ioi": (IOI_CFG, IOI_RECIPE,
+            lambda cfg, rc: ioi_batches(rc["batch"], rc.get("answer_weight", 1.0)),
+            ioi_files, "toy_ioi"),
+}
+
+
+def write_checkpoint(which: str, model: Model, out: Path, facts: dict,
+                     weights: bool = True) -> dict:
+    """Compute the evidence for `model` and write its card, metrics, tokenizer and task file
+    (and, with `weights`, the whole checkpoint) to `out`; returns the metrics."""
+    files, metrics = MODELS[which][3](model, facts)
+    if weights:
+        save_model(model, out, extra_files=files)
+    else:
+        for name, text in files.items():
+            tmp = out / f".{name}.tmp"
+            tmp.write_text(text)
+            tmp.chmod(0o644)
+            tmp.replace(out / name)
     return metrics
+
+
+def build(which: str, out: Path, steps: int | None = None, config: GPT2Config | None = None,
+          log: Callable[[str], None] | None = print, **recipe) -> dict:
+    """Train model `which` ("induction" or "ioi") from scratch, evaluate and save it with its
+    card to `out`; `steps`, `config` and `recipe` override the defaults. Returns the metrics."""
+    cfg, default, batches, _, _ = MODELS[which]
+    cfg = config or cfg
+    rc = dict(default) | recipe
+    rc["steps"] = steps or rc["steps"]
+    t0 = time.perf_counter()
+    model, losses = train(cfg, batches(cfg, rc), rc["steps"], rc["lr"], rc["seed"], rc["warmup"],
+                          log=log)
+    facts = dict(train_seconds=round(time.perf_counter() - t0, 1),
+                 final_loss=round(losses[-1][1], 4), recipe=rc)
+    return write_checkpoint(which, model, Path(out), facts)
+
+
+def build_induction(out: Path, steps: int | None = None, **recipe) -> dict:
+    """Train, evaluate and save the attention-only induction model; returns the metrics."""
+    return build("induction", out, steps, **recipe)
+
+
+def build_ioi(out: Path, steps: int | None = None, **recipe) -> dict:
+    """Train, evaluate and save the 4-layer IOI model; returns the metrics."""
+    return build("ioi", out, steps, **recipe)
+
+
+def card(path: str | Path) -> dict:
+    """Rewrite the card, metrics, tokenizer and task file of a checkpoint this module trained,
+    recomputing all evidence from its weights (unchanged) and keeping the training facts
+    (time, final loss, recipe) from its ``metrics.json``. Returns the metrics."""
+    path = Path(path)
+    name = tasks.task_spec(path)["task"]
+    which = next((w for w, m in MODELS.items() if m[4] == name), None)
+    if which is None:
+        raise ValueError(f"{path}: task {name!r} is not one this module trains "
+                         f"({', '.join(m[4] for m in MODELS.values())})")
+    old = json.loads((path / "metrics.json").read_text())
+    missing = [k for k in FACTS[:2] if k not in old]
+    if missing:
+        raise ValueError(f"{path}/metrics.json lacks the training facts {missing}")
+    facts = {k: old[k] for k in FACTS[:2]} | {"recipe": old.get("recipe", dict(MODELS[which][1]))}
+    return write_checkpoint(which, load_model(path), path, facts, weights=False)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m attrpatch.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["induction", "ioi"])
-    parser.add_argument("--out", required=True, help="checkpoint directory to write")
-    parser.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    sub = parser.add_subparsers(dest="which", required=True)
+    for which in MODELS:
+        p = sub.add_parser(which, help=f"train the {which} model from scratch")
+        p.add_argument("--out", required=True, help="checkpoint directory to write")
+        p.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    p = sub.add_parser("card", help="recompute a trained checkpoint's card and metrics "
+                                    "(weights unchanged, training facts from metrics.json)")
+    p.add_argument("path", help="checkpoint directory, e.g. models/ioi-gpt2-4l")
     args = parser.parse_args(argv)
-    build = build_induction if args.which == "induction" else build_ioi
-    metrics = build(Path(args.out), args.steps)
-    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
+    if args.which == "card":
+        metrics = card(args.path)
+    else:
+        metrics = build(args.which, Path(args.out), args.steps)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list | dict)},
+                     indent=2))
 
 
 if __name__ == "__main__":

@@ -104,3 +104,43 @@ def test_shipped_ioi_model():
                                                     default.correct_tokens,
                                                     default.incorrect_tokens))
     assert ld_clean.mean() - abs(ld_corrupt.mean()) > 2  # ABC corruption removes the signal
+
+
+def test_shipped_card_numbers_match_the_weights():
+    """The card's head-patching table is what the library's exact patching gives today."""
+    import json
+
+    metrics = json.loads((IOI / "metrics.json").read_text())
+    z = train.exact_patching(load_model(IOI), tasks.task_for_model(IOI), ("z",)).normalized("z")
+    np.testing.assert_allclose(z, metrics["head_patching_abc"], atol=6e-4)
+    for direction in ("denoise", "noise"):
+        v = metrics["atp_vs_exact"][direction]
+        assert set(v["verdicts"]) >= {"residual stream", "heads", "MLP outputs"}
+        assert set(v["verdicts"].values()) <= {"reliable", "caution", "unreliable"}
+
+
+def test_card_from_checkpoint_matches_training(tmp_path):
+    """`card DIR` recomputes the evidence from the weights, keeps the training facts, leaves
+    the weights alone and writes the same card as training did."""
+    import json
+
+    cfg = GPT2Config(n_layers=2, d_model=16, n_heads=2, d_mlp=32, n_ctx=48, d_vocab=24,
+                     attn_only=True)
+    out = tmp_path / "tiny-induction"
+    metrics = train.build("induction", out, steps=3, config=cfg, log=None, batch=4)
+    card = (out / "README.md").read_text()
+    weights = (out / "model.safetensors").read_bytes()
+    assert "## AtP vs exact patching" in card and "### Noising" in card
+    assert "mlp_out" not in card  # attention-only: no MLP granularity
+    for direction in ("denoise", "noise"):
+        assert metrics["atp_vs_exact"][direction]["verdicts"]["heads"] in (
+            "reliable", "caution", "unreliable")
+
+    (out / "README.md").write_text("stale")
+    train.main(["card", str(out)])
+    assert (out / "README.md").read_text() == card
+    assert (out / "model.safetensors").read_bytes() == weights
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["recipe"] == metrics["recipe"] and again["recipe"]["batch"] == 4
+    assert again["train_seconds"] == metrics["train_seconds"]
+    assert again["head_patching"] == metrics["head_patching"]
