@@ -457,11 +457,11 @@ def cmd_demo(args) -> int:
     grans = list(available_granularities(model.config.attn_only, sites_to_granularities(DEMO_SITES)))
     thresholds = parse_thresholds(args.threshold)
     run = {"command": _command(), "subcommand": "demo", "model": str(model_dir),
-           "data": "attrpatch_task.json", "direction": "denoise", "metric": task.metric,
+           "data": "attrpatch_task.json", "direction": args.direction, "metric": task.metric,
            "methods": "atp,exact", "granularities": ",".join(grans), "n_prompts": task.batch,
            "n_pos": task.n_pos}
     out = Path(args.out)
-    summary = run_pipeline(model, model_dir, task, grans, ("atp", "exact"), "denoise", None, out,
+    summary = run_pipeline(model, model_dir, task, grans, ("atp", "exact"), args.direction, None, out,
                            run, thresholds, verify_random=DEMO_RANDOM_NEURONS, quiet=args.quiet)
     print_summary(summary, out)
     print(f"demo wall time {time.perf_counter() - t_start:.1f}s")
@@ -553,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", help=f"checkpoint directory (default: models/{DEFAULT_MODEL})")
     d.add_argument("--out", default="attrpatch-demo", help="output directory")
     d.add_argument("--n-prompts", type=int, default=None, help="prompts (default: the model's)")
+    d.add_argument("--direction", choices=("denoise", "noise"), default="noise",
+                   help="noise (default: corrupted activations into the clean run, where AtP "
+                        "fails on the shipped model's residual stream and first MLP) or denoise")
     d.add_argument("--threshold", action="append", metavar="NAME=VALUE", help=thr_help)
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
