@@ -42,12 +42,19 @@ from attrpatch.results import (
     check_granularities,
     grid_shape,
 )
-from attrpatch.task import MetricReference, Task, check_reference, resolve_metric
+from attrpatch.task import METRICS, MetricReference, Task, check_reference, resolve_metric
 
 SOURCES = ("default", "zero", "mean", "resample")
 ABLATIONS = ("zero", "mean", "resample")
 _HEAD_SITES = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")
 _PATTERN = "attn.hook_pattern"
+# Sites after attention mixing that change only their own row: patching one position of one of
+# these in layer l leaves every other position of layer l as in the base run.
+_ROW_LOCAL = ("attn.hook_q", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre",
+              "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+# Site axes (after batch), named as grid axes; None: never a grid axis.
+_SITE_AXES = {_PATTERN: ("head", "query_pos", "key_pos"), "attn.hook_attn_scores": ("head", "query_pos", "key_pos"),
+              "mlp.hook_pre": ("pos", "neuron"), "mlp.hook_post": ("pos", "neuron")}
 
 __all__ = ["ABLATIONS", "SOURCES", "gaussian_noise_corruption", "patch", "resample_permutation",
            "top_neurons"]
@@ -114,9 +121,10 @@ def _suffix(x: jax.Array, key: str, start: int) -> jax.Array:
 # The compiled sweep: all variants of one (granularity, layer, start)
 
 
-@partial(jax.jit, static_argnames=("cfg", "gran", "start", "batch_size", "metric_fn"))
-def _sweep(params, layer, resid, source, prefix_kv, keep, answer_idx, idx, task, reference, *,
-           cfg, gran, start, batch_size, metric_fn):
+@partial(jax.jit, static_argnames=("cfg", "gran", "start", "batch_size", "metric_fn", "row_local"))
+def _sweep(params, layer, resid, source, prefix_kv, keep, answer_idx, idx, task, reference,
+           resid_next=None, layer_kv=None, keep_rows=None, cols=None, *,
+           cfg, gran, start, batch_size, metric_fn, row_local=False):
     """Metric ``[n_variants, batch]``: each variant `idx[i]` patched into layer `layer`.
 
     - `resid`: the base run's input of `layer`, positions >= start ``[batch, S, d_model]``.
@@ -124,11 +132,20 @@ def _sweep(params, layer, resid, source, prefix_kv, keep, answer_idx, idx, task,
     - `prefix_kv`: the base run's keys and values ``[n_layers, batch, start, head, d_head]``
       (None when start is 0).
     - `keep`: attention keep-mask ``[batch, 1, S, pos]``; `answer_idx`: ``[batch]`` in suffix coords.
+    - `row_local`: the site sits after attention mixing and each variant patches one position
+      ``p``: layer `layer` then changes only row ``p`` (run as a one-row block attending over the
+      base run's keys and values `layer_kv` ``[batch, pos, head, d_head]`` x 2, with `keep_rows`
+      ``[batch, pos, pos]``), and the next layer's input is the base run's (`resid_next`, suffix)
+      with that row replaced.
+    - `cols`: ``[batch, k]`` the only logit columns the metric reads (None: all).
     """
     blocks = params["blocks"]
     scales = gpt2.attention_scales(cfg)
     site_key = GRANULARITIES[gran][0]
     n_suffix, n_pos = resid.shape[1], keep.shape[-1]
+    last = cfg.n_layers - 1
+    b = resid.shape[0]
+    rows = jnp.arange(b)
 
     def at(tree, j):
         return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, j, keepdims=False), tree)
@@ -138,27 +155,56 @@ def _sweep(params, layer, resid, source, prefix_kv, keep, answer_idx, idx, task,
 
     p_layer, kv_layer = at(blocks, layer), kv(layer)
 
+    def body(j, x):
+        return gpt2.block(at(blocks, j), cfg, x, keep, scales[j], NO_INTERVENTIONS, kv(j))[0]
+
+    def answer_metric(x):
+        normed = gpt2.layer_norm(x, params["ln_f_w"], params["ln_f_b"], cfg.layer_norm_eps)
+        dt = jnp.promote_types(normed.dtype, jnp.float32)  # as in `gpt2.forward`
+        if cols is None:
+            logits = normed.astype(dt) @ params["W_U"].astype(dt)
+        else:  # only the columns the metric reads; the others are never looked at
+            sel = jnp.einsum("bd,dbk->bk", normed.astype(dt), params["W_U"].astype(dt)[:, cols])
+            logits = jnp.zeros((b, params["W_U"].shape[1]), dt).at[rows[:, None], cols].set(sel)
+        return metric_fn(logits, task, reference)
+
     def one(ix):
+        if row_local:
+            r = ix[0] - start  # the patched row, in suffix coordinates
+            mask = _mask(gran, ix, ix[0], 1, n_pos, cfg)  # the one row is position ix[0]
+            src_row = lax.dynamic_slice_in_dim(source, r, 1, axis=1)
+            iv = Interventions(patch={site_key: Patch(mask, src_row)})
+            row = _row_block(p_layer, cfg, lax.dynamic_index_in_dim(resid, r, 1), keep_rows,
+                             ix[0], scales[layer], layer_kv, iv)  # [batch, d]
+            x = lax.dynamic_update_index_in_dim(resid_next, row, r, 1)
+            x = lax.fori_loop(layer + 1, last, body, x)
+            final = lax.cond(layer < last, lambda x: _last_block_at_answer(
+                at(blocks, last), cfg, x, keep, scales[last], kv(last), answer_idx),
+                lambda x: row, x)
+            return answer_metric(final)
         mask = _mask(gran, ix, start, n_suffix, n_pos, cfg)
         iv = Interventions(patch={site_key: Patch(mask, source)})
         x, _ = gpt2.block(p_layer, cfg, resid, keep, scales[layer], iv, kv_layer)
-
-        def body(j, x):
-            return gpt2.block(at(blocks, j), cfg, x, keep, scales[j], NO_INTERVENTIONS, kv(j))[0]
-
-        last = cfg.n_layers - 1
         x = lax.fori_loop(layer + 1, last, body, x)
-        rows = jnp.arange(x.shape[0])
         # The last block matters only at the answer rows (unless it is the patched one).
         x = lax.cond(layer < last, lambda x: _last_block_at_answer(
             at(blocks, last), cfg, x, keep, scales[last], kv(last), answer_idx),
             lambda x: x[rows, answer_idx], x)
-        normed = gpt2.layer_norm(x, params["ln_f_w"], params["ln_f_b"], cfg.layer_norm_eps)
-        dt = jnp.promote_types(normed.dtype, jnp.float32)  # as in `gpt2.forward`
-        logits = normed.astype(dt) @ params["W_U"].astype(dt)
-        return metric_fn(logits, task, reference)
+        return answer_metric(x)
 
     return lax.map(one, idx, batch_size=batch_size)
+
+
+def _row_block(p, cfg, x_row, keep_rows, pos, scale, layer_kv, iv):
+    """`gpt2.block` output ``[batch, d]`` at the one position `pos` (input `x_row` ``[batch, 1, d]``),
+    attending over the base run's keys and values `layer_kv` of every position (the row's own
+    cached copy masked out: the block appends its own)."""
+    k, v = layer_kv
+    own = jnp.arange(k.shape[1]) == pos
+    row_keep = lax.dynamic_index_in_dim(keep_rows, pos, 1, keepdims=False) & ~own[None]
+    row_keep = jnp.concatenate([row_keep, jnp.ones((row_keep.shape[0], 1), bool)], axis=1)
+    out, _ = gpt2.block(p, cfg, x_row, row_keep[:, None, None, :], scale, iv, (k, v))
+    return out[:, 0]
 
 
 def _last_block_at_answer(p, cfg, x, keep, scale, prefix_kv, answer_idx):
@@ -313,6 +359,32 @@ def _check_neurons(neurons, cfg) -> dict[int, list[int]]:
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
+def _row_local(gran: str) -> bool:
+    """Whether each variant of `gran` patches one position of a row-local site."""
+    key, axes = GRANULARITIES[gran]
+    return key in _ROW_LOCAL and "pos" in axes
+
+
+def _site_axes(key: str, ndim: int) -> tuple:
+    if key in _SITE_AXES:
+        return _SITE_AXES[key]
+    return ("pos", "head", None) if ndim == 4 else ("pos", None)
+
+
+def _unchanged(gran: str, base: np.ndarray, src: np.ndarray, grids: np.ndarray) -> np.ndarray:
+    """``[C, batch]``: the patch would write exactly the value already there (a no-op)."""
+    key, axes = GRANULARITIES[gran]
+    diff = np.asarray(base != src)
+    diff = np.broadcast_to(diff, np.broadcast_shapes(diff.shape, base.shape))
+    names = _site_axes(key, base.ndim)
+    keep = [a for a in names if a in axes]
+    red = tuple(1 + i for i, a in enumerate(names) if a not in axes)
+    diff = diff.any(axis=red) if red else diff  # [batch, *keep]
+    order = [keep.index(a) for a in axes[1:]]
+    diff = np.transpose(diff, (0, *(1 + o for o in order)))
+    return ~diff[(slice(None), *grids.T)].T
+
+
 def _bucket_starts(positions: np.ndarray, n_buckets: int) -> np.ndarray:
     """Up to `n_buckets` static suffix starts covering the sorted unique `positions`."""
     ps = np.unique(positions)
@@ -429,6 +501,10 @@ def patch(
         src_cache = _ablation_sources(clean_cache, keys, source, seed)
 
     ans_np = np.asarray(ans)
+    cols = None
+    if metric_fn in (METRICS["logit_diff"], METRICS["normalized_logit_diff"]):
+        cols = jnp.concatenate([jnp.asarray(task.correct_tokens).reshape(task.batch, -1),
+                                jnp.asarray(task.incorrect_tokens).reshape(task.batch, -1)], axis=1)
     n_pos, L = task.n_pos, cfg.n_layers
     keep_full = gpt2.attention_bias(am, n_pos, task.batch)
     out = {g: np.full((task.batch, *grid_shape(g, L, n_pos, cfg.n_heads, cfg.d_mlp)), np.nan)
@@ -437,6 +513,7 @@ def patch(
     # Plan: per (granularity, layer) the components, which are inert, and their suffix starts.
     plan = []
     total = 0.0
+    most: dict[tuple[str, int], int] = {}
     for g in grans:
         g_layers = sorted(layer_neurons) if g in needs_neurons else layer_list
         if not g_layers:
@@ -446,6 +523,8 @@ def patch(
         cpos_all = cpos_all[cpos_all >= 0]
         starts = _bucket_starts(cpos_all[cpos_all >= first_diff.min()], suffix_buckets)
         s_all = int(min(first_diff.min(), n_pos - 1)) if suffix_buckets > 0 else 0
+        key = GRANULARITIES[g][0]
+        base_np, src_np = np.asarray(base_cache[key]), np.asarray(src_cache[key])
         for layer in g_layers:
             grids, idx, cpos = comps[layer]
             inert = np.where(
@@ -453,11 +532,22 @@ def patch(
                 (cpos[:, None] < first_diff[None]) | (cpos[:, None] > ans_np[None]),
                 (first_diff > ans_np)[None],
             )  # [C, batch]
+            # a patch writing the value already there changes nothing
+            inert |= _unchanged(g, base_np[layer], src_np[layer], grids)
+            if _row_local(g) and layer == L - 1:  # only the answer row reaches the logits
+                inert |= cpos[:, None] != ans_np[None]
             active = ~inert.all(1)
             bucket = np.searchsorted(starts, cpos, side="right") - 1  # largest start <= cpos
             start = np.where(cpos < 0, s_all, np.where(bucket >= 0, starts[np.maximum(bucket, 0)], 0))
             plan.append((g, layer, grids, idx, inert, active, start))
             total += float(active.sum() * (L - layer))
+        # One chunk size per (granularity, start) for all layers: one compile each, equal chunks.
+        for g_, layer, _, _, _, active, start in plan:
+            if g_ != g:
+                continue
+            for s_ in np.unique(start[active]):
+                most[g, int(s_)] = max(most.get((g, int(s_)), 0), int((active & (start == s_)).sum()))
+    chunk = {k: -(-n // -(-n // batch_size)) for k, n in most.items()}
 
     fp = None
     if checkpoint_dir is not None:
@@ -488,7 +578,8 @@ def patch(
             for s in np.unique(start[active]):
                 sel = np.flatnonzero(active & (start == s))
                 metric_vals = _run_bucket(model, task, reference, metric_fn, g, layer, int(s), idx[sel],
-                                          base_cache, src_cache, keep_full, ans, batch_size)
+                                          base_cache, src_cache, keep_full, ans,
+                                          chunk[g, int(s)], cols)
                 layer_pp[sel] = metric_vals - base_pp[None]
                 bar.update(float(len(sel) * (L - layer)), f"{g} L{layer}")
             layer_pp[inert] = 0.0
@@ -534,20 +625,30 @@ def _ablation_sources(clean_cache: dict, keys, source: str, seed: int) -> dict:
 
 
 def _run_bucket(model, task, reference, metric_fn, gran, layer, start, idx, base_cache, src_cache,
-                keep_full, answers, batch_size) -> np.ndarray:
-    """Metric ``[len(idx), batch]`` for the variants `idx` of `gran` at `layer`, from `start`."""
+                keep_full, answers, chunk, cols=None) -> np.ndarray:
+    """Metric ``[len(idx), batch]`` for the variants `idx` of `gran` at `layer`, from `start`,
+    run in calls of exactly `chunk` variants (the last one padded), dispatched before any is read."""
     key = GRANULARITIES[gran][0]
     n = len(idx)
-    bs = -(-n // -(-n // batch_size))  # equal chunks of <= batch_size: little padding
-    pad = (-n) % bs
+    pad = (-n) % chunk
     idx = np.concatenate([idx, np.repeat(idx[:1], pad, 0)]) if pad else idx
     prefix_kv = None
     if start > 0:
         prefix_kv = (base_cache["attn.hook_k"][:, :, :start], base_cache["attn.hook_v"][:, :, :start])
-    vals = _sweep(
-        model.params, jnp.int32(layer), base_cache["hook_resid_pre"][layer][:, start:],
-        _suffix(src_cache[key][layer], key, start), prefix_kv, keep_full[:, :, start:],
-        jnp.maximum(answers - start, 0), jnp.asarray(idx), task, reference,
-        cfg=model.config, gran=gran, start=start, batch_size=bs, metric_fn=metric_fn,
-    )
-    return np.asarray(vals)[:n]
+    row_local = _row_local(gran)
+    extra = {}
+    if row_local:
+        nxt = min(layer + 1, model.config.n_layers - 1)  # unused for the last layer
+        extra = dict(resid_next=base_cache["hook_resid_pre"][nxt][:, start:],
+                     layer_kv=(base_cache["attn.hook_k"][layer], base_cache["attn.hook_v"][layer]),
+                     keep_rows=keep_full[:, 0])
+    args = (model.params, jnp.int32(layer), base_cache["hook_resid_pre"][layer][:, start:],
+            _suffix(src_cache[key][layer], key, start), prefix_kv, keep_full[:, :, start:],
+            jnp.maximum(answers - start, 0))
+    pending = [
+        _sweep(*args, jnp.asarray(idx[i:i + chunk]), task, reference, cols=cols, cfg=model.config,
+               gran=gran, start=start, batch_size=chunk, metric_fn=metric_fn, row_local=row_local,
+               **extra)
+        for i in range(0, len(idx), chunk)
+    ]
+    return np.concatenate([np.asarray(v) for v in pending])[:n]
