@@ -53,7 +53,8 @@ _PATTERN = "attn.hook_pattern"
 _ROW_LOCAL = ("attn.hook_q", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre",
               "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
 # Site axes (after batch), named as grid axes; None: never a grid axis.
-_SITE_AXES = {_PATTERN: ("head", "query_pos", "key_pos"), "attn.hook_attn_scores": ("head", "query_pos", "key_pos"),
+_SITE_AXES = {_PATTERN: ("head", "query_pos", "key_pos"),
+              "attn.hook_attn_scores": ("head", "query_pos", "key_pos"),
               "mlp.hook_pre": ("pos", "neuron"), "mlp.hook_post": ("pos", "neuron")}
 
 __all__ = ["ABLATIONS", "SOURCES", "gaussian_noise_corruption", "patch", "resample_permutation",
@@ -542,7 +543,7 @@ def patch(
             plan.append((g, layer, grids, idx, inert, active, start))
             total += float(active.sum() * (L - layer))
         # One chunk size per (granularity, start) for all layers: one compile each, equal chunks.
-        for g_, layer, _, _, _, active, start in plan:
+        for g_, _, _, _, _, active, start in plan:
             if g_ != g:
                 continue
             for s_ in np.unique(start[active]):
