@@ -8,11 +8,17 @@ source). The engine gives the same numbers as a naive "one full forward per patc
 - a patch at position ``p`` (or at positions before a prompt's first clean/corrupt difference,
   or after its answer position) leaves earlier positions unchanged, so only the suffix from a
   start ``s <= p`` is recomputed, attending over the cached keys and values of the prefix
-  (``s`` is one of a few static *buckets*, one compile each); provably inert patches are written
-  as exact zeros and not run;
-- the variants of one layer run batched (`vmap`, bounded by `lax.map(batch_size=...)`); the
-  layers after the patched one run in a loop with a traced start, so one compile serves every
-  layer; the last block (unless patched) and the unembedding run only at the answer positions.
+  (``s`` is one of a few static *buckets*, one compile each); provably inert patches (before the
+  first difference, after the answer, or writing the value already there) are written as exact
+  zeros and not run;
+- a patch of one position of a site after attention mixing (z, q, attn_out, mlp, resid_mid/post:
+  "row-local") changes only that row in its layer: that layer runs as a one-row block over the
+  cached keys and values, and in the last layer only the answer position is run;
+- the variants of one layer run batched (`vmap`, in calls of one fixed chunk size per
+  granularity and start); the layers after the patched one run in a loop with a traced start,
+  so one compile serves every layer; the last block (unless patched) and the unembedding run
+  only at the answer positions, and for the logit-difference metrics only the logit columns
+  they read are computed.
 """
 
 from __future__ import annotations

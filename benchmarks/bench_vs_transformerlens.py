@@ -62,7 +62,6 @@ def tl_worker(spec_path: str, out_path: str) -> None:
     spec = json.load(open(spec_path))
     torch.set_num_threads(spec["threads"])
     import pandas as pd
-    import transformer_lens
     from transformer_lens import patching
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import PreTrainedTokenizerFast
@@ -82,7 +81,9 @@ def tl_worker(spec_path: str, out_path: str) -> None:
         last = logits[:, -1]
         return (last[rows, io] - last[rows, s]).mean()
 
-    out = {"transformer_lens_version": getattr(transformer_lens, "__version__", None),
+    from importlib.metadata import version
+
+    out = {"transformer_lens_version": version("transformer-lens"),
            "torch_version": torch.__version__, "threads": torch.get_num_threads(), "load_s": load_s}
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(clean)

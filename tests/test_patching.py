@@ -300,3 +300,33 @@ def test_attention_only_model_defaults_match_naive():
         check(res, gran, naive(model, task, gran))
     with pytest.raises(ValueError, match="attention-only"):
         patch(model, task, ("mlp_out",), progress=False)
+
+
+def test_no_op_patches_are_exact_zeros_and_not_run(tiny_model, monkeypatch):
+    """Corrupt differs from clean at one middle token: resid_pre patches of layer 0 elsewhere write
+    the value already there (exact zeros, never run); later layers differ there and match naive."""
+    import attrpatch.patching as P
+
+    model, _ = tiny_model
+    rng = np.random.default_rng(9)
+    clean = rng.integers(1, 61, (2, 6))
+    corrupt = clean.copy()
+    corrupt[:, 2] = (clean[:, 2] + 7) % 61
+    task = Task(clean, corrupt, rng.integers(0, 61, 2), rng.integers(0, 61, 2))
+    real, runs = P._run_bucket, []
+
+    def spy(model_, task_, reference, metric_fn, gran, layer, start, idx, *args, **kwargs):
+        runs.append((gran, layer, sorted(int(i) for i in idx[:, 0])))
+        return real(model_, task_, reference, metric_fn, gran, layer, start, idx, *args, **kwargs)
+
+    monkeypatch.setattr(P, "_run_bucket", spy)
+    grans = ("resid_pre", "z_by_pos", "mlp_out")
+    res = patch(model, task, grans, per_prompt=True, progress=False, suffix_buckets=2)
+    for gran in grans:
+        check(res, gran, naive(model, task, gran))
+    pp = res.scores["resid_pre"].per_prompt
+    assert (pp[:, 0, 3:] == 0).all() and np.abs(pp[:, 1, 3:]).max() > 1e-4
+    assert [p for g, layer, ps in runs if g == "resid_pre" and layer == 0 for p in ps] == [2]
+    # by-position patches of row-local sites in the last layer reach the logits only at the answer
+    last = [set(ps) for g, layer, ps in runs if g in ("z_by_pos", "mlp_out") and layer == 1]
+    assert len(last) == 2 and all(ps == {5} for ps in last)
