@@ -20,7 +20,7 @@ attrpatch times: ``cold`` = the first call in a fresh process (compilation inclu
 ``warm`` = the same call again. Prints a table; writes
 ``benchmarks/results/vs_transformerlens.json`` atomically.
 
-Usage: ``python benchmarks/bench_vs_transformerlens.py [--tl-layers all] [--layers 12]``
+Usage: ``python benchmarks/bench_vs_transformerlens.py [--tl-layers 0,11] [--tl-by-pos-heads all] [--layers 12]``
 (``--layers 2`` for a quick smaller run; ``--skip-tl`` to time only attrpatch).
 """
 
@@ -142,7 +142,7 @@ def main():
                     help="where the random checkpoint is written (reused if there)")
     ap.add_argument("--layers", type=int, default=12, help="model depth (12: GPT-2 small)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tl-layers", default="0,11",
+    ap.add_argument("--tl-layers", default="all",
                     help="layers TL runs of the resid_pre and z grids (then extrapolated), or 'all'")
     ap.add_argument("--tl-by-pos-layers", default="0,11",
                     help="layers TL runs of the by-position head grid, or 'all'")
