@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ import numpy as np
 from jax import lax
 
 from attrpatch import gpt2
+from attrpatch.atomic import atomic_write
 from attrpatch.interventions import NO_INTERVENTIONS, Interventions, Patch
 from attrpatch.results import (
     DIRECTIONS,
@@ -48,6 +48,7 @@ from attrpatch.results import (
     check_granularities,
     grid_shape,
 )
+from attrpatch.sites import site_axes
 from attrpatch.task import METRICS, MetricReference, Task, check_reference, resolve_metric
 
 SOURCES = ("default", "zero", "mean", "resample")
@@ -58,10 +59,6 @@ _PATTERN = "attn.hook_pattern"
 # these in layer l leaves every other position of layer l as in the base run.
 _ROW_LOCAL = ("attn.hook_q", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre",
               "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
-# Site axes (after batch), named as grid axes; None: never a grid axis.
-_SITE_AXES = {_PATTERN: ("head", "query_pos", "key_pos"),
-              "attn.hook_attn_scores": ("head", "query_pos", "key_pos"),
-              "mlp.hook_pre": ("pos", "neuron"), "mlp.hook_post": ("pos", "neuron")}
 
 __all__ = ["ABLATIONS", "SOURCES", "gaussian_noise_corruption", "patch", "resample_permutation",
            "top_neurons"]
@@ -298,7 +295,8 @@ class _Progress:
     """Plain one-line progress bar with ETA on stderr, shown only once a sweep passes `delay` s."""
 
     def __init__(self, total: float, enabled: bool, delay: float = 2.0):
-        self.total, self.enabled, self.delay = max(total, 1e-9), enabled, delay
+        self.total, self.delay = max(total, 1e-9), delay
+        self.enabled = enabled and sys.stderr.isatty()  # a log would fill with carriage returns
         self.done, self.t0, self.last, self.shown = 0.0, time.perf_counter(), 0.0, False
 
     def update(self, amount: float, label: str) -> None:
@@ -321,20 +319,6 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _atomic_write(path: str, write) -> None:
-    """Write via a temp file in the same folder, then `os.replace` (never half-written)."""
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _fingerprint(model, task, direction, source, metric_name, seed, neurons, corrupt_iv) -> str:
     """Hash of everything the effects depend on (model, prompts, options)."""
     h = hashlib.sha256()
@@ -353,7 +337,7 @@ def _check_neurons(neurons, cfg) -> dict[int, list[int]]:
         neurons = top_neurons(neurons, 64)
     out: dict[int, set[int]] = {}
     for item in neurons:
-        if len(item) != 2:
+        if not isinstance(item, Sequence | np.ndarray) or len(item) != 2:
             raise ValueError(f"neurons: expected (layer, neuron) pairs, got {item!r}")
         layer, n = int(item[0]), int(item[1])
         if not (0 <= layer < cfg.n_layers and 0 <= n < cfg.d_mlp):
@@ -372,18 +356,12 @@ def _row_local(gran: str) -> bool:
     return key in _ROW_LOCAL and "pos" in axes
 
 
-def _site_axes(key: str, ndim: int) -> tuple:
-    if key in _SITE_AXES:
-        return _SITE_AXES[key]
-    return ("pos", "head", None) if ndim == 4 else ("pos", None)
-
-
 def _unchanged(gran: str, base: np.ndarray, src: np.ndarray, grids: np.ndarray) -> np.ndarray:
     """``[C, batch]``: the patch would write exactly the value already there (a no-op)."""
     key, axes = GRANULARITIES[gran]
     diff = np.asarray(base != src)
     diff = np.broadcast_to(diff, np.broadcast_shapes(diff.shape, base.shape))
-    names = _site_axes(key, base.ndim)
+    names = site_axes(key)[1:]  # after batch
     keep = [a for a in names if a in axes]
     red = tuple(1 + i for i, a in enumerate(names) if a not in axes)
     diff = diff.any(axis=red) if red else diff  # [batch, *keep]
@@ -424,14 +402,14 @@ def patch(
 
     **Arguments:**
 
-    - `granularities`: names from :data:`attrpatch.results.GRANULARITIES`; default resid_pre,
-      attn_out, mlp_out (if the model has MLPs) and z.
+    - `granularities`: names from :data:`attrpatch.results.GRANULARITIES` (default:
+      :data:`attrpatch.results.DEFAULT_GRANULARITIES`, less MLP sites on attention-only models).
     - `direction`: ``"denoise"`` (clean activations into the corrupted run) or ``"noise"``
       (corrupted into clean). Default: denoise; ablations are always noise (on the clean run).
     - `metric`: a name from :data:`attrpatch.task.METRICS`, a function
       ``(answer_logits [batch, d_vocab], task, reference) -> [batch]``, or None (task's default).
     - `source`: ``"default"`` (the other run), or an ablation of the clean run: ``"zero"``,
-      ``"mean"`` (over the batch, per position) or ``"resample"`` (another prompt's activation,
+      ``"mean"`` (over the batch's real tokens, per position) or ``"resample"`` (another prompt's activation,
       a `seed`-ed derangement of the batch). For ablations `source_metric` is the corrupted run's.
     - `neurons`: for ``post``/``post_by_pos``: (layer, neuron) pairs, or a `PatchResults` with
       ``post`` scores (its top 64 by |score|, see :func:`top_neurons`). Other neurons are NaN.
@@ -452,12 +430,7 @@ def patch(
     t_start = time.perf_counter()
     cfg = model.config
     task.check_for(model)
-    if granularities is None:
-        granularities = ("resid_pre", "attn_out", "z") if cfg.attn_only else (
-            "resid_pre", "attn_out", "mlp_out", "z")
     grans = check_granularities(granularities, cfg.attn_only)
-    if not grans:
-        raise ValueError("granularities: give at least one")
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
     ablation = source in ABLATIONS
@@ -469,6 +442,15 @@ def patch(
         raise ValueError(f"source={source!r} ablates the clean run: use direction='noise'")
     if ablation and corrupt_interventions is not None:
         raise ValueError("corrupt_interventions only apply to source='default'")
+    if corrupt_interventions is not None:
+        later = set(corrupt_interventions.delta) | set(corrupt_interventions.patch)
+        later -= {"hook_embed", "hook_pos_embed"}
+        if later:
+            raise ValueError(
+                f"corrupt_interventions at {sorted(later)}: only hook_embed / hook_pos_embed are "
+                "supported (patches restart from cached layer inputs and rerun later layers "
+                "without the corrupting interventions)"
+            )
     if source == "resample" and task.batch < 2:
         raise ValueError("source='resample' needs at least 2 prompts")
     if not (isinstance(batch_size, int | np.integer) and batch_size >= 1):
@@ -505,7 +487,7 @@ def patch(
         base_cache, src_cache, base_pp, source_pp = clean_cache, corrupt_cache, clean_pp, corrupt_pp
     if ablation:
         first_diff = np.zeros(task.batch, np.int64)
-        src_cache = _ablation_sources(clean_cache, keys, source, seed)
+        src_cache = _ablation_sources(clean_cache, keys, source, seed, am)
 
     ans_np = np.asarray(ans)
     cols = None
@@ -570,7 +552,7 @@ def patch(
                         "model, task or options; use an empty folder"
                     )
         else:
-            _atomic_write(meta_path, lambda f: f.write(json.dumps({"fingerprint": fp}).encode()))
+            atomic_write(meta_path, lambda f: f.write(json.dumps({"fingerprint": fp}).encode()))
 
     bar = _Progress(total, progress)
     interrupted = False
@@ -592,7 +574,7 @@ def patch(
             layer_pp[inert] = 0.0
             _fill(out[g], layer, grids, layer_pp)
             if ckpt is not None:
-                _atomic_write(ckpt, lambda f, a=layer_pp: np.save(f, a))
+                atomic_write(ckpt, lambda f, a=layer_pp: np.save(f, a))
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -606,7 +588,7 @@ def patch(
         method="exact", direction=direction, metric=metric_name,
         base_metric=float(base_pp.mean()), source_metric=float(source_pp.mean()), scores=scores,
         base_metric_per_prompt=base_pp, source_metric_per_prompt=source_pp,
-        seconds=time.perf_counter() - t_start,
+        seconds=time.perf_counter() - t_start, source=source, complete=not interrupted,
     )
 
 
@@ -615,7 +597,20 @@ def _fill(grid: np.ndarray, layer: int, grids: np.ndarray, layer_pp: np.ndarray)
     grid[(slice(None), layer, *grids.T)] = layer_pp.T
 
 
-def _ablation_sources(clean_cache: dict, keys, source: str, seed: int) -> dict:
+def _batch_mean(x, key: str, attention_mask) -> jax.Array:
+    """Mean of ``x [n_layers, batch, ...]`` over prompts, at each position over the prompts where
+    it is a real token (0 where none is): ``[n_layers, 1, ...]``."""
+    if attention_mask is None:
+        return x.mean(1, keepdims=True)
+    axes = site_axes(key)  # ("batch", "pos", ...) or ("batch", "head", "query_pos", "key_pos")
+    pos_axis = 1 + axes.index("pos" if "pos" in axes else "query_pos")
+    shape = [1] * x.ndim
+    shape[1], shape[pos_axis] = attention_mask.shape
+    w = attention_mask.reshape(shape).astype(x.dtype)
+    return (x * w).sum(1, keepdims=True) / jnp.maximum(w.sum(1, keepdims=True), 1)
+
+
+def _ablation_sources(clean_cache: dict, keys, source: str, seed: int, attention_mask) -> dict:
     """Ablation source activations ``[n_layers, batch or 1, ...]`` per site key."""
     out = {}
     b = clean_cache["hook_resid_pre"].shape[1]
@@ -625,7 +620,7 @@ def _ablation_sources(clean_cache: dict, keys, source: str, seed: int) -> dict:
         if source == "zero":
             out[k] = jnp.zeros_like(x[:, :1])
         elif source == "mean":
-            out[k] = x.mean(1, keepdims=True)
+            out[k] = _batch_mean(x, k, attention_mask)
         else:
             out[k] = x[:, perm]
     return out

@@ -137,8 +137,11 @@ class PatchResults:
     """Everything one method (``"atp"`` or ``"exact"``) measured on one task.
 
     `base_metric` is the unpatched base run's batch metric (corrupted for denoise, clean for noise)
-    and `source_metric` the run the patched activations come from; `gap = source - base` is what
-    a patch that moved the base run all the way would change.
+    and `source_metric` the run the patched activations come from (for ablations, which have
+    no such run, the corrupted run's); `gap = source - base` is what a patch that moved the base
+    run all the way would change. `source` is ``"default"`` (the other run's activations) or
+    the ablation (``"zero"``, ``"mean"``, ``"resample"``); `complete` is False when a sweep was
+    interrupted (NaN where not computed).
     """
 
     method: str
@@ -150,6 +153,8 @@ class PatchResults:
     base_metric_per_prompt: np.ndarray | None = None
     source_metric_per_prompt: np.ndarray | None = None
     seconds: float | None = None
+    source: str = "default"
+    complete: bool = True
 
     @property
     def gap(self) -> float:

@@ -78,8 +78,13 @@ def naive(model, task, gran, direction="denoise", source="default", metric=None,
         base_tokens, base_iv, act = task.clean_tokens, Interventions(), np.asarray(clean_cache[key])
         if source == "zero":
             src = np.zeros_like(act)
-        elif source == "mean":
-            src = np.broadcast_to(act.mean(1, keepdims=True), act.shape)
+        elif source == "mean":  # over the prompts where the position is a real token
+            real = np.ones((task.batch, task.n_pos)) if am is None else np.asarray(am)
+            shape = [1] * act.ndim
+            shape[1], shape[3 if key == "attn.hook_pattern" else 2] = real.shape
+            w = real.reshape(shape)
+            mean = (act * w).sum(1, keepdims=True) / np.maximum(w.sum(1, keepdims=True), 1)
+            src = np.broadcast_to(mean, act.shape)
         else:
             src = act[:, resample_permutation(task.batch, seed)]
     src = jnp.asarray(src)
@@ -142,11 +147,11 @@ def test_noise_direction_and_suffix_buckets_match_naive(tiny_model):
 @pytest.mark.parametrize("source", ["zero", "mean", "resample"])
 def test_ablations_match_naive(tiny_model, source):
     model, _ = tiny_model
-    task = make_task(seed=2)
+    task = make_task(seed=2, mask=True)
     grans = ("resid_mid", "v_by_pos", "pattern")
     res = patch(model, task, grans, source=source, seed=3, batch_size=8, per_prompt=True,
                 progress=False, suffix_buckets=2)
-    assert res.direction == "noise"
+    assert res.direction == "noise" and res.source == source and res.complete
     for gran in grans:
         check(res, gran, naive(model, task, gran, "noise", source=source, seed=3))
 
@@ -214,6 +219,7 @@ def test_interrupt_keeps_partial_results_and_checkpoint_resumes(tiny_model, tmp_
     with pytest.warns(UserWarning, match="interrupted"):
         part = patch(model, task, grans, checkpoint_dir=tmp_path, **kw)
     assert np.isnan(part["z"]).all() and np.isnan(part["attn_out"][1]).all()
+    assert full.complete and not part.complete
     done = ~np.isnan(part["attn_out"])
     assert done[0].all()
     np.testing.assert_array_equal(part["attn_out"][done], full["attn_out"][done])
@@ -248,6 +254,9 @@ def test_top_neurons_and_neurons_from_results(tiny_model):
         (dict(batch_size=0), "batch_size"),
         (dict(granularities=("post",)), "neurons="),
         (dict(granularities=("post",), neurons=[(2, 0)]), "outside"),
+        (dict(granularities=("post",), neurons=[3, 5]), "pairs"),
+        (dict(corrupt_interventions=Interventions(delta={"hook_resid_pre": np.zeros(1)})),
+         "only hook_embed"),
         (dict(metric="accuracy"), "unknown metric"),
     ],
 )
@@ -265,9 +274,12 @@ def test_bad_tokens_error(tiny_model):
         patch(model, task, progress=False)
 
 
-def test_progress_bar_reports_eta(capsys):
+def test_progress_bar_reports_eta(capsys, monkeypatch):
+    import sys
+
     from attrpatch.patching import _Progress
 
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     bar = _Progress(total=4, enabled=True, delay=0.0)
     bar.update(1, "resid_pre L0")
     bar.last = 0.0  # let the next update print at once
