@@ -11,17 +11,16 @@ table and writes ``benchmarks/results/attribution.json`` (atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from attrpatch.atomic import atomic_write_json
 from attrpatch.attribution import attribute
 from attrpatch.gpt2 import GPT2Config, init_params
 from attrpatch.model import Model
@@ -104,10 +103,7 @@ def main(argv=None) -> dict:
         print(f"{name:<34}{t:>10.4f}{t / med['forward']:>11.2f}")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=".attribution-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
 

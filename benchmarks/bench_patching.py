@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import tempfile
 import time
 
 import jax
@@ -24,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attrpatch import Interventions, Model, Patch, Task
+from attrpatch.atomic import atomic_write_json
 from attrpatch.gpt2 import GPT2Config, init_params
 from attrpatch.patching import _bucket_starts, patch
 from attrpatch.task import METRICS, MetricReference
@@ -210,10 +209,7 @@ def main():
                batch_size=args.batch_size, suffix_buckets=args.buckets, rows=rows)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "patching.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(path, out)
     print("wrote", path)
 
 

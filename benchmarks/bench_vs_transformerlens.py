@@ -20,7 +20,8 @@ attrpatch times: ``cold`` = the first call in a fresh process (compilation inclu
 ``warm`` = the same call again. Prints a table; writes
 ``benchmarks/results/vs_transformerlens.json`` atomically.
 
-Usage: ``python benchmarks/bench_vs_transformerlens.py [--tl-layers 0,11] [--tl-by-pos-heads all] [--layers 12]``
+Usage: ``python benchmarks/bench_vs_transformerlens.py [--tl-layers 0,11] [--tl-by-pos-heads all]
+[--layers 12]``
 (``--layers 2`` for a quick smaller run; ``--skip-tl`` to time only attrpatch).
 """
 
