@@ -187,6 +187,27 @@ def test_identical_prompts_give_exact_zeros(tiny_model):
         assert res.gap == 0
 
 
+def test_identical_runs_through_the_compute_path_give_zeros(tiny_model, monkeypatch):
+    """With the inert-patch shortcuts disabled every patch really runs, and changes nothing (to
+    float rounding: the engine recomputes in another order than the full forward)."""
+    import attrpatch.patching as P
+
+    model, _ = tiny_model
+    task = make_task(seed=8, same=True)
+    calls = []
+    real = P._run_bucket
+    monkeypatch.setattr(P, "_unchanged", lambda gran, base, src, grids: np.zeros(
+        (len(grids), base.shape[0]), bool))
+    monkeypatch.setattr(P, "_run_bucket", lambda *a, **k: calls.append(1) or real(*a, **k))
+    same_iv = Interventions(delta={"hook_embed": jnp.zeros((task.batch, task.n_pos, 32))})
+    grans = ("resid_pre", "z_by_pos", "pattern", "v")
+    res = patch(model, task, grans, per_prompt=True, progress=False, suffix_buckets=0,
+                corrupt_interventions=same_iv)
+    assert calls
+    for gran in grans:
+        np.testing.assert_allclose(res.scores[gran].per_prompt, 0, atol=ATOL, err_msg=gran)
+
+
 def test_batch_size_and_buckets_do_not_change_results(tiny_model):
     model, _ = tiny_model
     task = make_task(seed=5, mask=True)
