@@ -35,7 +35,7 @@ from attrpatch.loading import load_model, save_model
 from attrpatch.model import Model, _forward
 from attrpatch.patching import patch
 from attrpatch.results import DIRECTIONS, PatchResults
-from attrpatch.task import Task
+from attrpatch.task import Task, logit_diff
 from attrpatch.tokenizer import word_level_tokenizer
 from attrpatch.validation import Thresholds, Validation, diagnose, family_of, validate
 
@@ -182,8 +182,7 @@ def answer_logit_diff(model: Model, task: Task, tokens=None) -> np.ndarray:
     """Per-prompt logit diff ``[batch]`` at the answer position."""
     tokens = task.clean_tokens if tokens is None else tokens
     logits = model.run(tokens, task.attention_mask, logit_positions=task.answer_positions)[0]
-    pick = lambda a: jnp.take_along_axis(logits, a, -1).mean(-1)
-    return np.asarray(pick(task.correct_tokens) - pick(task.incorrect_tokens))
+    return np.asarray(logit_diff(logits, task, None))
 
 
 def accuracy(model: Model, task: Task) -> float:

@@ -675,13 +675,13 @@ def exact_components(model, task, granularity: str, indices: Sequence[Sequence[i
     mask, positions = task.attention_mask, task.answer_positions
     clean_logits, clean_cache = model.run(task.clean_tokens, mask, cache_keys=(key,),
                                           logit_positions=positions)
-    corrupt_logits, _ = model.run(task.corrupt_tokens, mask, logit_positions=positions)
+    corrupt_logits, corrupt_cache = model.run(task.corrupt_tokens, mask, cache_keys=(key,),
+                                              logit_positions=positions)
     if direction == "denoise":
         source_cache = clean_cache
         base_logits, source_logits = corrupt_logits, clean_logits
     else:
-        source_cache = model.run(task.corrupt_tokens, mask, cache_keys=(key,),
-                                 logit_positions=positions)[1]
+        source_cache = corrupt_cache
         base_logits, source_logits = clean_logits, corrupt_logits
     reference = MetricReference(clean_logits, corrupt_logits)
     source = source_cache[key]
