@@ -185,11 +185,7 @@ def ioi_task(
 # The shipped word-level IOI world (model `ioi-gpt2-4l`)
 
 TOY_SPECIAL = ("<bos>", "<pad>", "<unk>")
-TOY_NAMES = (
-    "Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Paul", "Kate", "Anna",
-    "Lisa", "Mark", "Emma", "Jack", "Sarah", "David", "Laura", "Peter", "Alice", "Michael",
-    "Rose", "Adam", "Jane", "Eric", "Grace", "Carl", "Helen", "Ben", "Ruth", "Sam", "Joe",
-)
+TOY_NAMES = IOI_NAMES  # the toy world uses the same 32 names
 TOY_PLACES = ("store", "park", "school", "house", "garden", "office", "station", "market",
               "beach", "library", "cafe", "hospital")
 TOY_OBJECTS = ("drink", "ring", "book", "kiss", "letter", "ball", "gift", "key", "bone",
