@@ -288,6 +288,25 @@ def attention_bias(
     return causal & (attention_mask[:, None, None, :] > 0)
 
 
+def qkv(p: dict, cfg: GPT2Config, resid: Float[Array, "batch pos d_model"]
+        ) -> tuple[Array, Array, Array]:
+    """Queries, keys and values ``[batch, pos, head, d_head]`` of one block (before any hook)."""
+    x = layer_norm(resid, p["ln1_w"], p["ln1_b"], cfg.layer_norm_eps)
+    return tuple(jnp.einsum("bpd,dhe->bphe", x, p[f"W_{n}"]) + p[f"b_{n}"] for n in "QKV")
+
+
+def causal_attention(q, k, v, keep: Array, attn_scale: Array, hook: Callable) -> Array:
+    """Head outputs z ``[batch, query_pos, head, d_head]`` from q ``[batch, query_pos, head,
+    d_head]`` and k, v ``[batch, key_pos, head, d_head]``; `keep` ``[batch, 1, query_pos,
+    key_pos]``; `hook(name, x)` passes the scores and pattern through the interventions."""
+    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k,
+                        preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+    scores = jnp.where(keep, scores / attn_scale, jnp.finfo(scores.dtype).min)
+    scores = hook("attn.hook_attn_scores", scores)
+    pattern = hook("attn.hook_pattern", jax.nn.softmax(scores, axis=-1).astype(q.dtype))
+    return jnp.einsum("bhqk,bkhe->bqhe", pattern, v)
+
+
 def block(
     p: dict,
     cfg: GPT2Config,
@@ -295,13 +314,13 @@ def block(
     keep: Array,
     attn_scale: Array,
     iv: Interventions,
-    prefix_kv: tuple[Array, Array] | None = None,
+    attend: Callable | None = None,
 ) -> tuple[Float[Array, "batch pos d_model"], dict[str, Array]]:
     """One transformer block. `p` and `iv` are this layer's slices. Returns (resid_post, acts).
 
-    `prefix_kv`: optional keys and values ``[batch, prefix, head, d_head]`` of earlier positions
-    (a cache): `resid` then holds only the positions after them (a suffix), attention runs over
-    prefix + suffix keys, and `keep` is ``[batch, 1, suffix, prefix + suffix]``.
+    `attend(q, k, v, hook) -> z` replaces the attention mixing (default: `causal_attention` with
+    `keep`), for callers whose rows are not one contiguous sequence (the patching engine packs
+    rows of many patched runs; position-wise computation does not care how rows are laid out).
     """
     acts = {}
 
@@ -311,19 +330,13 @@ def block(
         return x
 
     resid = hook("hook_resid_pre", resid)
-    x = layer_norm(resid, p["ln1_w"], p["ln1_b"], cfg.layer_norm_eps)
-    q = hook("attn.hook_q", jnp.einsum("bpd,dhe->bphe", x, p["W_Q"]) + p["b_Q"])
-    k = hook("attn.hook_k", jnp.einsum("bpd,dhe->bphe", x, p["W_K"]) + p["b_K"])
-    v = hook("attn.hook_v", jnp.einsum("bpd,dhe->bphe", x, p["W_V"]) + p["b_V"])
-    if prefix_kv is not None:
-        k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
-    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k,
-                        preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
-    scores = jnp.where(keep, scores / attn_scale, jnp.finfo(scores.dtype).min)
-    scores = hook("attn.hook_attn_scores", scores)
-    pattern = hook("attn.hook_pattern", jax.nn.softmax(scores, axis=-1).astype(q.dtype))
-    z = hook("attn.hook_z", jnp.einsum("bhqk,bkhe->bqhe", pattern, v))
+    q, k, v = qkv(p, cfg, resid)
+    q, k, v = hook("attn.hook_q", q), hook("attn.hook_k", k), hook("attn.hook_v", v)
+    if attend is None:
+        z = causal_attention(q, k, v, keep, attn_scale, hook)
+    else:
+        z = attend(q, k, v, hook)
+    z = hook("attn.hook_z", z)
     attn_out = hook("hook_attn_out", jnp.einsum("bqhe,hed->bqd", z, p["W_O"]) + p["b_O"])
     if cfg.attn_only:
         resid = hook("hook_resid_post", resid + attn_out)

@@ -5,20 +5,22 @@ units, per prompt and batch mean (:mod:`attrpatch.results` defines granularities
 source). The engine gives the same numbers as a naive "one full forward per patch" loop, faster:
 
 - a patch in layer ``l`` starts from the base run's cached input of layer ``l``;
-- a patch at position ``p`` (or at positions before a prompt's first clean/corrupt difference,
-  or after its answer position) leaves earlier positions unchanged, so only the suffix from a
-  start ``s <= p`` is recomputed, attending over the cached keys and values of the prefix
-  (``s`` is one of a few static *buckets*, one compile each); provably inert patches (before the
-  first difference, after the answer, or writing the value already there) are written as exact
-  zeros and not run;
+- causality: a patched run of prompt ``b`` recomputes only its positions ``start..answer``, where
+  ``start`` is the patch position (or, for a patch at every position, the prompt's first
+  clean/corrupt difference); earlier positions keep the base run's keys and values, later ones
+  never reach the answer. Provably inert patches (before the first difference, after the answer,
+  or writing the value already there) are written as exact zeros and not run;
+- *row packing*: the recomputed rows of many patched runs (variants x prompts, each its own
+  length) are packed into one ``[rows, d_model]`` matrix, so every weight matrix is read once per
+  layer for all of them and no row is padding (but for rounding the row count up to one of a few
+  sizes, one compile each). Only attention mixing sees positions: it runs on a
+  ``[variant x prompt, pos]`` layout whose unpacked rows hold the base run's keys and values;
 - a patch of one position of a site after attention mixing (z, q, attn_out, mlp, resid_mid/post:
-  "row-local") changes only that row in its layer: that layer runs as a one-row block over the
-  cached keys and values, and in the last layer only the answer position is run;
-- the variants of one layer run batched (`vmap`, in calls of one fixed chunk size per
-  granularity and start); the layers after the patched one run in a loop with a traced start,
-  so one compile serves every layer; the last block (unless patched) and the unembedding run
-  only at the answer positions, and for the logit-difference metrics only the logit columns
-  they read are computed.
+  "row-local") changes only that row in its layer, which runs at that one row;
+- the layers after the patched one run in a loop with a traced start, so one compile serves every
+  layer; the last block (unless patched) runs attention inputs at every packed row but the rest
+  only at the answer rows, and for the logit-difference metrics only the logit columns they read
+  are computed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +62,8 @@ _PATTERN = "attn.hook_pattern"
 # these in layer l leaves every other position of layer l as in the base run.
 _ROW_LOCAL = ("attn.hook_q", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre",
               "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+# Packed row and variant counts are rounded up to one of these (at most 25% more): few shapes.
+_SIZES = np.unique([int(2**k * f) for k in range(40) for f in (1, 1.25, 1.5, 1.75)])
 
 __all__ = ["ABLATIONS", "SOURCES", "gaussian_noise_corruption", "patch", "resample_permutation",
            "top_neurons"]
@@ -90,148 +95,199 @@ def _components(gran: str, n_pos: int, n_heads: int, neurons: Sequence[int]):
     return grids, idx, cpos
 
 
-def _mask(gran: str, ix, start: int, n_suffix: int, n_pos: int, cfg) -> jax.Array:
-    """Patch mask for variant `ix` (pos, head, neuron, key_pos), broadcastable to the site's
-    suffix activation (``[batch, suffix, ...]``, or ``[batch, head, suffix, key_pos]`` for patterns)."""
+def _row_mask(gran: str, ix, pos, cfg) -> jax.Array:
+    """Patch mask of variant `ix` (pos, head, neuron, key_pos) at position `pos`, broadcastable to
+    the site's activation at one position (``[head, d_head]``, ``[d_model]`` or ``[d_mlp]``)."""
     key, axes = GRANULARITIES[gran]
-    pos_hit = (start + jnp.arange(n_suffix)) == ix[0]  # [S]
-    head_hit = jnp.arange(cfg.n_heads) == ix[1]  # [H]
-    if key == _PATTERN:
-        m = head_hit[:, None, None]
-        if "query_pos" in axes:
-            m = m & pos_hit[None, :, None]
-        if "key_pos" in axes:
-            m = m & (jnp.arange(n_pos) == ix[3])[None, None, :]
-        return m[None]
+    hit = (pos == ix[0]) if "pos" in axes else jnp.bool_(True)
     if key in _HEAD_SITES:
-        m = head_hit[None, :, None]
-        if "pos" in axes:
-            m = m & pos_hit[:, None, None]
-        return m[None]
+        return hit & (jnp.arange(cfg.n_heads) == ix[1])[:, None]
     if "neuron" in axes:
-        m = (jnp.arange(cfg.d_mlp) == ix[2])[None, :]
-        if "pos" in axes:
-            m = m & pos_hit[:, None]
-        return m[None]
-    return pos_hit[None, :, None]
+        return hit & (jnp.arange(cfg.d_mlp) == ix[2])
+    return hit[None]
 
 
-def _suffix(x: jax.Array, key: str, start: int) -> jax.Array:
-    """A site activation ``[batch, ...]`` restricted to positions >= start (query rows for patterns)."""
-    return x[:, :, start:] if key == _PATTERN else x[:, start:]
+def _pattern_mask(gran: str, ix, n_pos: int, cfg) -> jax.Array:
+    """Patch mask ``[head, query_pos, key_pos]`` of pattern variant `ix`."""
+    axes = GRANULARITIES[gran][1]
+    m = (jnp.arange(cfg.n_heads) == ix[1])[:, None, None]
+    if "query_pos" in axes:
+        m = m & (jnp.arange(n_pos) == ix[0])[None, :, None]
+    if "key_pos" in axes:
+        m = m & (jnp.arange(n_pos) == ix[3])[None, None, :]
+    return jnp.broadcast_to(m, (cfg.n_heads, n_pos, n_pos))
 
 
 # ----------------------------------------------------------------------------------------------
-# The compiled sweep: all variants of one (granularity, layer, start)
+# Packed rows
+#
+# A chunk holds `V` variant slots of one (granularity, layer); run ``v * B + b`` is slot v patched
+# into prompt b (B prompts). Its recomputed positions are packed rows; a row's *flat* index is
+# ``run * n_pos + pos``, and ``V * B * n_pos`` marks padding (a dummy row that is never read).
 
 
-@partial(jax.jit, static_argnames=("cfg", "gran", "start", "batch_size", "metric_fn", "row_local"))
-def _sweep(params, layer, resid, source, prefix_kv, keep, answer_idx, idx, task, reference,
-           resid_next=None, layer_kv=None, keep_rows=None, cols=None, *,
-           cfg, gran, start, batch_size, metric_fn, row_local=False):
-    """Metric ``[n_variants, batch]``: each variant `idx[i]` patched into layer `layer`.
+def _padded(n: int) -> int:
+    """The smallest of the few allowed sizes that is >= n."""
+    return int(_SIZES[np.searchsorted(_SIZES, n)])
 
-    - `resid`: the base run's input of `layer`, positions >= start ``[batch, S, d_model]``.
-    - `source`: the site's source activation of `layer` in suffix coordinates.
-    - `prefix_kv`: the base run's keys and values ``[n_layers, batch, start, head, d_head]``
-      (None when start is 0).
-    - `keep`: attention keep-mask ``[batch, 1, S, pos]``; `answer_idx`: ``[batch]`` in suffix coords.
-    - `row_local`: the site sits after attention mixing and each variant patches one position
-      ``p``: layer `layer` then changes only row ``p`` (run as a one-row block attending over the
-      base run's keys and values `layer_kv` ``[batch, pos, head, d_head]`` x 2, with `keep_rows`
-      ``[batch, pos, pos]``), and the next layer's input is the base run's (`resid_next`, suffix)
-      with that row replaced.
+
+class _PackedRows(NamedTuple):
+    """One compiled call's variant slots and packed rows (planned on the host)."""
+
+    idx: np.ndarray  # [V, 4] variant index per slot (padding slots: zeros, no rows)
+    flat: np.ndarray  # [R] flat index of each packed row
+    first_row: np.ndarray  # [V * B] packed row of each run's first position (R: the run has none)
+    answer_row: np.ndarray  # [V * B] packed row of each run's answer position (R: none)
+
+
+def _chunks(idx: np.ndarray, cpos: np.ndarray, inert: np.ndarray, first_diff: np.ndarray,
+            answers: np.ndarray, n_pos: int, max_variants: int
+            ) -> list[tuple[np.ndarray, _PackedRows]]:
+    """Split one layer's non-inert variants into chunks of at most `max_variants`, balanced in
+    rows (so every chunk of the layer has the same padded shape): (which components, rows) each.
+
+    `idx` ``[C, 4]``, `cpos` ``[C]``, `inert` ``[C, batch]``; `first_diff`, `answers` ``[batch]``.
+    """
+    B = len(answers)
+    starts = np.where(cpos[:, None] >= 0, cpos[:, None], first_diff[None])  # [C, B]
+    n_rows = np.where(inert, 0, answers[None] - starts + 1)  # [C, B]
+    active = np.flatnonzero(n_rows.sum(1) > 0)
+    if len(active) == 0:
+        return []
+    n_chunks = -(-len(active) // max_variants)
+    order = active[np.argsort(-n_rows[active].sum(1), kind="stable")]
+    groups: list[list[int]] = [[] for _ in range(n_chunks)]
+    for i, c in enumerate(order):  # snake order: each chunk gets long and short runs alike
+        lap, k = divmod(i, n_chunks)
+        groups[k if lap % 2 == 0 else n_chunks - 1 - k].append(int(c))
+    V = min(_padded(max(len(g) for g in groups)), max_variants)
+    R = _padded(max(int(n_rows[g].sum()) for g in groups))
+    out = []
+    for g in groups:
+        g = np.sort(np.asarray(g))
+        slot, prompt = np.nonzero(n_rows[g] > 0)  # runs with rows, in slot-major order
+        lens = n_rows[g][slot, prompt]
+        offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        within = np.arange(lens.sum()) - np.repeat(offsets, lens)
+        run = slot * B + prompt
+        flat = np.full(R, V * B * n_pos, np.int32)
+        flat[: lens.sum()] = np.repeat(run * n_pos + starts[g][slot, prompt], lens) + within
+        first_row = np.full(V * B, R, np.int32)
+        answer_row = np.full(V * B, R, np.int32)
+        first_row[run], answer_row[run] = offsets, offsets + lens - 1
+        slot_idx = np.zeros((V, 4), np.int32)
+        slot_idx[: len(g)] = idx[g]
+        out.append((g, _PackedRows(slot_idx, flat, first_row, answer_row)))
+    return out
+
+
+@partial(jax.jit, static_argnames=("cfg", "gran", "metric_fn", "row_local"))
+def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, cols=None, *,
+                   cfg, gran, metric_fn, row_local):
+    """Metric ``[V, batch]``: each slot's variant patched into `layer`, for every prompt.
+
+    - `base`: the base run's ``hook_resid_pre``, ``attn.hook_k``, ``attn.hook_v`` (``[n_layers,
+      batch, pos, ...]``).
+    - `source`: the site's source activation in `layer` (``[batch or 1, ...]``).
+    - `keep`: attention keep-mask ``[batch, 1, pos, pos]``; `chunk`: :class:`_PackedRows`.
+    - `row_local`: each variant patches one position of a site after attention mixing: the
+      patched layer runs at that row only, and the next layer's input is the base run's with that
+      row replaced.
     - `cols`: ``[batch, k]`` the only logit columns the metric reads (None: all).
     """
     blocks = params["blocks"]
     scales = gpt2.attention_scales(cfg)
-    site_key = GRANULARITIES[gran][0]
-    n_suffix, n_pos = resid.shape[1], keep.shape[-1]
-    last = cfg.n_layers - 1
-    b = resid.shape[0]
-    rows = jnp.arange(b)
+    key = GRANULARITIES[gran][0]
+    idx, flat = chunk.idx, chunk.flat
+    V, B, n = idx.shape[0], keep.shape[0], keep.shape[-1]
+    R, runs, last = flat.shape[0], V * keep.shape[0], cfg.n_layers - 1
+    dummy = runs * n
+    row_run, row_pos = jnp.minimum(flat, dummy - 1) // n, flat % n  # (padding rows: any real one)
+    row_prompt, row_slot = row_run % B, row_run // B
+    keep_runs = jnp.broadcast_to(keep[None], (V, *keep.shape)).reshape(runs, 1, n, n)
+    source = jnp.broadcast_to(source, (B, *source.shape[1:]))
 
     def at(tree, j):
         return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, j, keepdims=False), tree)
 
-    def kv(j):
-        return None if prefix_kv is None else at(prefix_kv, j)
+    def with_dummy(x):  # one extra row, for padding indices to read from or write to
+        return jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
 
-    p_layer, kv_layer = at(blocks, layer), kv(layer)
+    def runs_layout(base_j, rows, rows_flat):
+        """``[B, pos, ...]`` base values -> ``[runs, pos, ...]`` with `rows` written at `rows_flat`."""
+        full = jnp.broadcast_to(base_j[None], (V, *base_j.shape)).reshape(dummy, *base_j.shape[2:])
+        return with_dummy(full).at[rows_flat].set(rows.astype(full.dtype))[:-1].reshape(
+            runs, n, *base_j.shape[2:])
 
-    def body(j, x):
-        return gpt2.block(at(blocks, j), cfg, x, keep, scales[j], NO_INTERVENTIONS, kv(j))[0]
+    def attention(j, q_flat, kv_rows=None):
+        """`attend` for `gpt2.block` on packed rows: queries at `q_flat`; keys and values of the
+        block's own rows, or `kv_rows` (``(k, v)`` at every packed row) when given."""
+        def attend(q, k, v, hook):
+            if kv_rows is not None:
+                k, v, kv_flat = *kv_rows, flat
+            else:
+                kv_flat = q_flat
+            base_k = lax.dynamic_index_in_dim(base["attn.hook_k"], j, keepdims=False)
+            base_v = lax.dynamic_index_in_dim(base["attn.hook_v"], j, keepdims=False)
+            z = gpt2.causal_attention(runs_layout(jnp.zeros_like(base_k), q[:, 0], q_flat),
+                                      runs_layout(base_k, k[:, 0], kv_flat),
+                                      runs_layout(base_v, v[:, 0], kv_flat), keep_runs,
+                                      scales[j], hook)  # [runs, pos, head, d_head]
+            return with_dummy(z.reshape(dummy, *z.shape[2:]))[q_flat][:, None]
+        return attend
 
-    def answer_metric(x):
+    def run_block(j, x, q_flat, iv=NO_INTERVENTIONS, kv_rows=None):
+        out, _ = gpt2.block(at(blocks, j), cfg, x[:, None], None, scales[j], iv,
+                            attention(j, q_flat, kv_rows))
+        return out[:, 0]
+
+    def rest(x):
+        """Packed rows after `layer` -> answer-row outputs of the last block ``[runs, d_model]``."""
+        x = lax.fori_loop(layer + 1, last, lambda j, x: run_block(j, x, flat), x)
+        _, k, v = gpt2.qkv(at(blocks, last), cfg, x[:, None])  # every row's keys and values...
+        answers = with_dummy(x)[chunk.answer_row]  # ...but the rest only at the answer rows
+        return run_block(last, answers, with_dummy(flat)[chunk.answer_row], kv_rows=(k, v))
+
+    resid = lax.dynamic_index_in_dim(base["hook_resid_pre"], layer, keepdims=False)  # [B, pos, d]
+    if row_local:
+        run_pos = jnp.repeat(idx[:, 0], B)  # [runs]
+        run_prompt = jnp.tile(jnp.arange(B), V)
+        has_rows = chunk.first_row < R
+        run_flat = jnp.where(has_rows, jnp.arange(runs) * n + run_pos, dummy)
+        masks = jax.vmap(lambda ix: _row_mask(gran, ix, ix[0], cfg))(jnp.repeat(idx, B, 0))
+        iv = Interventions(patch={key: Patch(masks[:, None], source[run_prompt, run_pos][:, None])})
+        patched = run_block(layer, resid[run_prompt, run_pos], run_flat, iv)  # [runs, d]
+
+        def onward(patched):
+            nxt = lax.dynamic_index_in_dim(base["hook_resid_pre"], jnp.minimum(layer + 1, last),
+                                           keepdims=False)
+            x = with_dummy(nxt[row_prompt, row_pos]).at[chunk.first_row].set(patched)[:-1]
+            return rest(x)
+
+        final = lax.cond(layer < last, onward, lambda patched: patched, patched)
+    else:
+        if key == _PATTERN:
+            masks = jax.vmap(lambda ix: _pattern_mask(gran, ix, n, cfg))(idx)  # [V, head, q, k]
+            masks = jnp.repeat(masks, B, 0)
+            src = jnp.broadcast_to(source[None], (V, *source.shape)).reshape(runs, *source.shape[1:])
+        else:
+            masks = jax.vmap(lambda ix, p: _row_mask(gran, ix, p, cfg))(idx[row_slot], row_pos)[:, None]
+            src = source[row_prompt, row_pos][:, None]
+        x = run_block(layer, resid[row_prompt, row_pos], flat, Interventions(patch={key: Patch(masks, src)}))
+        final = lax.cond(layer < last, rest, lambda x: with_dummy(x)[chunk.answer_row], x)
+
+    def answer_metric(x):  # [B, d] -> [B]
         normed = gpt2.layer_norm(x, params["ln_f_w"], params["ln_f_b"], cfg.layer_norm_eps)
         dt = jnp.promote_types(normed.dtype, jnp.float32)  # as in `gpt2.forward`
         if cols is None:
             logits = normed.astype(dt) @ params["W_U"].astype(dt)
         else:  # only the columns the metric reads; the others are never looked at
             sel = jnp.einsum("bd,dbk->bk", normed.astype(dt), params["W_U"].astype(dt)[:, cols])
-            logits = jnp.zeros((b, params["W_U"].shape[1]), dt).at[rows[:, None], cols].set(sel)
+            logits = jnp.zeros((B, params["W_U"].shape[1]), dt).at[
+                jnp.arange(B)[:, None], cols].set(sel)
         return metric_fn(logits, task, reference)
 
-    def one(ix):
-        if row_local:
-            r = ix[0] - start  # the patched row, in suffix coordinates
-            mask = _mask(gran, ix, ix[0], 1, n_pos, cfg)  # the one row is position ix[0]
-            src_row = lax.dynamic_slice_in_dim(source, r, 1, axis=1)
-            iv = Interventions(patch={site_key: Patch(mask, src_row)})
-            row = _row_block(p_layer, cfg, lax.dynamic_index_in_dim(resid, r, 1), keep_rows,
-                             ix[0], scales[layer], layer_kv, iv)  # [batch, d]
-            x = lax.dynamic_update_index_in_dim(resid_next, row, r, 1)
-            x = lax.fori_loop(layer + 1, last, body, x)
-            final = lax.cond(layer < last, lambda x: _last_block_at_answer(
-                at(blocks, last), cfg, x, keep, scales[last], kv(last), answer_idx),
-                lambda x: row, x)
-            return answer_metric(final)
-        mask = _mask(gran, ix, start, n_suffix, n_pos, cfg)
-        iv = Interventions(patch={site_key: Patch(mask, source)})
-        x, _ = gpt2.block(p_layer, cfg, resid, keep, scales[layer], iv, kv_layer)
-        x = lax.fori_loop(layer + 1, last, body, x)
-        # The last block matters only at the answer rows (unless it is the patched one).
-        x = lax.cond(layer < last, lambda x: _last_block_at_answer(
-            at(blocks, last), cfg, x, keep, scales[last], kv(last), answer_idx),
-            lambda x: x[rows, answer_idx], x)
-        return answer_metric(x)
-
-    return lax.map(one, idx, batch_size=batch_size)
-
-
-def _row_block(p, cfg, x_row, keep_rows, pos, scale, layer_kv, iv):
-    """`gpt2.block` output ``[batch, d]`` at the one position `pos` (input `x_row` ``[batch, 1, d]``),
-    attending over the base run's keys and values `layer_kv` of every position (the row's own
-    cached copy masked out: the block appends its own)."""
-    k, v = layer_kv
-    own = jnp.arange(k.shape[1]) == pos
-    row_keep = lax.dynamic_index_in_dim(keep_rows, pos, 1, keepdims=False) & ~own[None]
-    row_keep = jnp.concatenate([row_keep, jnp.ones((row_keep.shape[0], 1), bool)], axis=1)
-    out, _ = gpt2.block(p, cfg, x_row, row_keep[:, None, None, :], scale, iv, (k, v))
-    return out[:, 0]
-
-
-def _last_block_at_answer(p, cfg, x, keep, scale, prefix_kv, answer_idx):
-    """`gpt2.block` output at one row per prompt: ``x [batch, S, d] -> [batch, d]``.
-
-    Keys and values of every position (cached prefix + suffix) become the prefix of a one-row
-    block; the answer row's own copy in that prefix is masked out (the block appends it again).
-    """
-    b, n_suffix, _ = x.shape
-    rows = jnp.arange(b)
-    h = gpt2.layer_norm(x, p["ln1_w"], p["ln1_b"], cfg.layer_norm_eps)  # as in `gpt2.block`
-    k = jnp.einsum("bpd,dhe->bphe", h, p["W_K"]) + p["b_K"]
-    v = jnp.einsum("bpd,dhe->bphe", h, p["W_V"]) + p["b_V"]
-    if prefix_kv is not None:
-        k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
-    n_keys = k.shape[1]
-    own = jnp.arange(n_keys)[None, :] == (n_keys - n_suffix + answer_idx)[:, None]  # [b, keys]
-    row_keep = keep[rows, 0, answer_idx] & ~own
-    row_keep = jnp.concatenate([row_keep, jnp.ones((b, 1), bool)], axis=1)[:, None, None, :]
-    out, _ = gpt2.block(p, cfg, x[rows, answer_idx][:, None], row_keep, scale, NO_INTERVENTIONS,
-                        (k, v))
-    return out[:, 0]
+    return jax.vmap(answer_metric)(final.reshape(V, B, -1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,16 +426,6 @@ def _unchanged(gran: str, base: np.ndarray, src: np.ndarray, grids: np.ndarray) 
     return ~diff[(slice(None), *grids.T)].T
 
 
-def _bucket_starts(positions: np.ndarray, n_buckets: int) -> np.ndarray:
-    """Up to `n_buckets` static suffix starts covering the sorted unique `positions`."""
-    ps = np.unique(positions)
-    if n_buckets <= 0 or len(ps) == 0:
-        return np.zeros(1, np.int64)
-    if len(ps) <= n_buckets:
-        return ps
-    return np.unique(ps[(np.arange(n_buckets) * len(ps)) // n_buckets])
-
-
 def patch(
     model,
     task: Task,
@@ -395,7 +441,6 @@ def patch(
     *,
     seed: int = 0,
     corrupt_interventions: Interventions | None = None,
-    suffix_buckets: int = 4,
     layers: Sequence[int] | None = None,
 ) -> PatchResults:
     """Exact activation patching of every component of each granularity.
@@ -413,15 +458,14 @@ def patch(
       a `seed`-ed derangement of the batch). For ablations `source_metric` is the corrupted run's.
     - `neurons`: for ``post``/``post_by_pos``: (layer, neuron) pairs, or a `PatchResults` with
       ``post`` scores (its top 64 by |score|, see :func:`top_neurons`). Other neurons are NaN.
-    - `batch_size`: variants run at once (memory ~ batch_size x one forward).
+    - `batch_size`: variants run at once (memory ~ batch_size x one forward; at most
+      ``ceil(variants / batch_size)`` calls per layer).
     - `per_prompt`: also return ``[prompt, *axes]`` effects.
     - `progress`: progress bar with ETA on stderr (for sweeps longer than 2 s).
     - `checkpoint_dir`: save each finished (granularity, layer) atomically; resume from them.
     - `corrupt_interventions`: the corrupted run is the clean tokens with these interventions
       (see :func:`gaussian_noise_corruption`) instead of `task.corrupt_tokens`.
     - `layers`: patch only these layers (others NaN); default all.
-    - `suffix_buckets`: number of static suffix starts (compiles) per granularity; 0 recomputes
-      every position (no suffix trick).
 
     Ctrl-C returns what has been computed (NaN elsewhere) with a warning.
 
@@ -499,23 +543,15 @@ def patch(
     out = {g: np.full((task.batch, *grid_shape(g, L, n_pos, cfg.n_heads, cfg.d_mlp)), np.nan)
            for g in grans}
 
-    # Plan: per (granularity, layer) the components, which are inert, and their suffix starts.
+    # Plan: per (granularity, layer) the components, which are inert, and the packed chunks.
     plan = []
     total = 0.0
-    most: dict[tuple[str, int], int] = {}
     for g in grans:
         g_layers = sorted(layer_neurons) if g in needs_neurons else layer_list
-        if not g_layers:
-            continue
-        comps = {i: _components(g, n_pos, cfg.n_heads, layer_neurons.get(i, ())) for i in g_layers}
-        cpos_all = np.concatenate([c[2] for c in comps.values()])
-        cpos_all = cpos_all[cpos_all >= 0]
-        starts = _bucket_starts(cpos_all[cpos_all >= first_diff.min()], suffix_buckets)
-        s_all = int(min(first_diff.min(), n_pos - 1)) if suffix_buckets > 0 else 0
         key = GRANULARITIES[g][0]
         base_np, src_np = np.asarray(base_cache[key]), np.asarray(src_cache[key])
         for layer in g_layers:
-            grids, idx, cpos = comps[layer]
+            grids, idx, cpos = _components(g, n_pos, cfg.n_heads, layer_neurons.get(layer, ()))
             inert = np.where(
                 (cpos >= 0)[:, None],
                 (cpos[:, None] < first_diff[None]) | (cpos[:, None] > ans_np[None]),
@@ -525,18 +561,9 @@ def patch(
             inert |= _unchanged(g, base_np[layer], src_np[layer], grids)
             if _row_local(g) and layer == L - 1:  # only the answer row reaches the logits
                 inert |= cpos[:, None] != ans_np[None]
-            active = ~inert.all(1)
-            bucket = np.searchsorted(starts, cpos, side="right") - 1  # largest start <= cpos
-            start = np.where(cpos < 0, s_all, np.where(bucket >= 0, starts[np.maximum(bucket, 0)], 0))
-            plan.append((g, layer, grids, idx, inert, active, start))
-            total += float(active.sum() * (L - layer))
-        # One chunk size per (granularity, start) for all layers: one compile each, equal chunks.
-        for g_, _, _, _, _, active, start in plan:
-            if g_ != g:
-                continue
-            for s_ in np.unique(start[active]):
-                most[g, int(s_)] = max(most.get((g, int(s_)), 0), int((active & (start == s_)).sum()))
-    chunk = {k: -(-n // -(-n // batch_size)) for k, n in most.items()}
+            chunks = _chunks(idx, cpos, inert, first_diff, ans_np, n_pos, batch_size)
+            plan.append((g, layer, grids, inert, chunks))
+            total += float(sum(len(v) for v, _ in chunks) * (L - layer))
 
     fp = None
     if checkpoint_dir is not None:
@@ -557,20 +584,19 @@ def patch(
     bar = _Progress(total, progress)
     interrupted = False
     try:
-        for g, layer, grids, idx, inert, active, start in plan:
+        for g, layer, grids, inert, chunks in plan:
+            work = float(sum(len(v) for v, _ in chunks) * (L - layer))
             ckpt = None if fp is None else os.path.join(checkpoint_dir, f"{g}.layer{layer}.npy")
             if ckpt is not None and os.path.exists(ckpt):
                 _fill(out[g], layer, grids, np.load(ckpt))
-                bar.update(float(active.sum() * (L - layer)), f"{g} L{layer} (resumed)")
+                bar.update(work, f"{g} L{layer} (resumed)")
                 continue
             layer_pp = np.zeros((len(grids), task.batch))
-            for s in np.unique(start[active]):
-                sel = np.flatnonzero(active & (start == s))
-                metric_vals = _run_bucket(model, task, reference, metric_fn, g, layer, int(s), idx[sel],
-                                          base_cache, src_cache, keep_full, ans,
-                                          chunk[g, int(s)], cols)
-                layer_pp[sel] = metric_vals - base_pp[None]
-                bar.update(float(len(sel) * (L - layer)), f"{g} L{layer}")
+            if chunks:
+                variants, metric_vals = _run_layer(model, task, reference, metric_fn, g, layer, chunks,
+                                                   base_cache, src_cache, keep_full, cols)
+                layer_pp[variants] = metric_vals - base_pp[None]
+            bar.update(work, f"{g} L{layer}")
             layer_pp[inert] = 0.0
             _fill(out[g], layer, grids, layer_pp)
             if ckpt is not None:
@@ -626,31 +652,17 @@ def _ablation_sources(clean_cache: dict, keys, source: str, seed: int, attention
     return out
 
 
-def _run_bucket(model, task, reference, metric_fn, gran, layer, start, idx, base_cache, src_cache,
-                keep_full, answers, chunk, cols=None) -> np.ndarray:
-    """Metric ``[len(idx), batch]`` for the variants `idx` of `gran` at `layer`, from `start`,
-    run in calls of exactly `chunk` variants (the last one padded), dispatched before any is read."""
+def _run_layer(model, task, reference, metric_fn, gran, layer, chunks, base_cache, src_cache,
+               keep, cols=None) -> tuple[np.ndarray, np.ndarray]:
+    """Run one layer's chunks of `gran` (all dispatched before any is read): the components run
+    ``[n]`` and their metric ``[n, batch]``."""
     key = GRANULARITIES[gran][0]
-    n = len(idx)
-    pad = (-n) % chunk
-    idx = np.concatenate([idx, np.repeat(idx[:1], pad, 0)]) if pad else idx
-    prefix_kv = None
-    if start > 0:
-        prefix_kv = (base_cache["attn.hook_k"][:, :, :start], base_cache["attn.hook_v"][:, :, :start])
-    row_local = _row_local(gran)
-    extra = {}
-    if row_local:
-        nxt = min(layer + 1, model.config.n_layers - 1)  # unused for the last layer
-        extra = dict(resid_next=base_cache["hook_resid_pre"][nxt][:, start:],
-                     layer_kv=(base_cache["attn.hook_k"][layer], base_cache["attn.hook_v"][layer]),
-                     keep_rows=keep_full[:, 0])
-    args = (model.params, jnp.int32(layer), base_cache["hook_resid_pre"][layer][:, start:],
-            _suffix(src_cache[key][layer], key, start), prefix_kv, keep_full[:, :, start:],
-            jnp.maximum(answers - start, 0))
+    base = {k: base_cache[k] for k in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")}
     pending = [
-        _sweep(*args, jnp.asarray(idx[i:i + chunk]), task, reference, cols=cols, cfg=model.config,
-               gran=gran, start=start, batch_size=chunk, metric_fn=metric_fn, row_local=row_local,
-               **extra)
-        for i in range(0, len(idx), chunk)
+        _chunk_metrics(model.params, jnp.int32(layer), base, src_cache[key][layer], keep,
+                       jax.tree.map(jnp.asarray, rows), task, reference, cols, cfg=model.config,
+                       gran=gran, metric_fn=metric_fn, row_local=_row_local(gran))
+        for _, rows in chunks
     ]
-    return np.concatenate([np.asarray(v) for v in pending])[:n]
+    metric_vals = [np.asarray(m)[: len(v)] for m, (v, _) in zip(pending, chunks, strict=True)]
+    return np.concatenate([v for v, _ in chunks]), np.concatenate(metric_vals)

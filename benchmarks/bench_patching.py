@@ -24,7 +24,7 @@ import numpy as np
 from attrpatch import Interventions, Model, Patch, Task
 from attrpatch.atomic import atomic_write_json
 from attrpatch.gpt2 import GPT2Config, init_params
-from attrpatch.patching import _bucket_starts, patch
+from attrpatch.patching import patch
 from attrpatch.task import METRICS, MetricReference
 
 
@@ -53,39 +53,39 @@ def flops_per_token_layer(cfg, n_keys):
     return 2 * (4 * d * d + 2 * d * dm) + 2 * 2 * n_keys * d
 
 
-def engine_flops(cfg, task, gran, layers, n_buckets):
-    """FLOPs the engine really needs (padding of the last chunk not counted): per variant, layers
-    l.. over the recomputed suffix (the last block at the answer row only; for by-position head
-    patches the patched layer at the patched row only, and in the last layer only the answer
-    position is run), plus the unembedding of the two logit-difference columns at the answer
-    position (prefix work shared by all variants of a layer is ignored). resid_pre patches in
-    layer 0 at positions where clean and corrupt tokens agree are no-ops and not run."""
-    n, b, L, H = task.n_pos, task.batch, cfg.n_layers, cfg.n_heads
-    fd = int(task.first_diff_positions.min())
-    per_pos = gran != "z"
-    starts = _bucket_starts(np.arange(fd, n), n_buckets) if per_pos else np.array([fd])
-    differs = (np.asarray(task.clean_tokens) != np.asarray(task.corrupt_tokens)).any(0)
+def needed_flops(cfg, task, gran, layers):
+    """FLOPs exact recomputation needs, which is what the engine computes but for rounding its
+    packed row counts up: per patched run (variant x prompt) and layer from the patched one, the
+    positions start..answer (start: the patch position, or the prompt's first differing position
+    for all-position head patches); by-position head patches run their patched layer at one row;
+    the last block (unless patched) runs keys and values at every recomputed position and the
+    rest at the answer only; then the two logit-difference columns at the answer. resid_pre
+    patches in layer 0 where clean and corrupt tokens agree, and by-position head patches in the
+    last layer away from the answer, are inert and not run."""
+    L, H, d = cfg.n_layers, cfg.n_heads, cfg.d_model
+    differs = np.asarray(task.clean_tokens) != np.asarray(task.corrupt_tokens)
     total = 0.0
-    for layer in layers:
-        positions = range(fd, n) if per_pos else [fd]
-        for p in positions:
-            if gran == "resid_pre" and layer == 0 and not differs[p]:
-                continue
-            if gran == "z_by_pos" and layer == L - 1 and p != n - 1:
-                continue
-            s = starts[np.searchsorted(starts, p, side="right") - 1]
-            variants = H if gran != "resid_pre" else 1
-            S = n - s
-            per_layer = sum(flops_per_token_layer(cfg, s + i + 1) for i in range(S))
-            # the last block (unless patched) runs keys/values over the suffix, the rest at one row
-            last = S * 2 * 2 * cfg.d_model**2 + flops_per_token_layer(cfg, n)
-            unembed = 2 * cfg.d_model * 2
-            if gran == "z_by_pos":  # the patched layer at one row
-                rest = (max(L - 2 - layer, 0) * per_layer + (last if layer < L - 1 else 0))
-                total += variants * b * (flops_per_token_layer(cfg, p + 1) + rest + unembed)
-            else:
-                last = per_layer if layer == L - 1 else last
-                total += variants * b * ((L - 1 - layer) * per_layer + last + unembed)
+    for b, (fd, ans) in enumerate(zip(task.first_diff_positions, task.answer_positions, strict=True)):
+        def rows(s, a=int(ans)):  # full blocks at positions s..ans
+            return sum(flops_per_token_layer(cfg, q + 1) for q in range(s, a + 1))
+
+        def tail(s, a=int(ans)):  # the last block: keys and values at s..ans, the rest at ans
+            return (a + 1 - s) * 2 * 2 * d * d + flops_per_token_layer(cfg, a + 1)
+
+        for layer in layers:
+            starts = [int(fd)] if gran == "z" else range(int(fd), int(ans) + 1)
+            for s in starts:
+                if gran == "resid_pre" and layer == 0 and not differs[b, s]:
+                    continue
+                if gran == "z_by_pos" and layer == L - 1 and s != ans:
+                    continue
+                variants = 1 if gran == "resid_pre" else H
+                if layer == L - 1:
+                    work = flops_per_token_layer(cfg, s + 1) if gran == "z_by_pos" else rows(s)
+                else:
+                    patched = flops_per_token_layer(cfg, s + 1) if gran == "z_by_pos" else rows(s)
+                    work = patched + (L - 2 - layer) * rows(s) + tail(s)
+                total += variants * (work + 2 * d * 2)
     return total
 
 
@@ -142,7 +142,6 @@ def main():
                     help="layers of the z_by_pos grid to run (extrapolated by FLOPs), or 'all'")
     ap.add_argument("--naive-samples", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--buckets", type=int, default=4)
     args = ap.parse_args()
 
     cfg = GPT2Config(n_layers=12, d_model=768, n_heads=12, d_mlp=3072, n_ctx=1024, d_vocab=50257)
@@ -162,7 +161,7 @@ def main():
     rows = []
     for gran, (n_patches, layers) in grids.items():
         run = functools.partial(patch, model, task, (gran,), batch_size=args.batch_size,
-                                progress=False, suffix_buckets=args.buckets)
+                                progress=False)
         # The first call compiles every shape (the layer index is traced, not static); time the
         # second.
         t = time.perf_counter()
@@ -172,9 +171,9 @@ def main():
         res = run(layers=layers)
         ours = time.perf_counter() - t
         assert np.isfinite(res[gran][layers]).all()
-        flops = engine_flops(cfg, task, gran, layers, args.buckets)
+        flops = needed_flops(cfg, task, gran, layers)
         compile_s = cold - ours
-        full_flops = engine_flops(cfg, task, gran, range(12), args.buckets)
+        full_flops = needed_flops(cfg, task, gran, range(12))
         ours_full = ours * full_flops / flops
         per_fwd, naive_compile = naive_time(model, task, gran, args.naive_samples)
         naive_full = per_fwd * n_patches
@@ -206,7 +205,7 @@ def main():
     out = dict(device=str(jax.devices()[0]), matmul_gflops_per_s=rate,
                matmul_gflops_per_s_after=rate_after,
                naive_forward_gflop=fwd_flops / 1e9, batch=task.batch, n_pos=task.n_pos,
-               batch_size=args.batch_size, suffix_buckets=args.buckets, rows=rows)
+               batch_size=args.batch_size, rows=rows)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "patching.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_json(path, out)

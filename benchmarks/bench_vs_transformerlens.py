@@ -17,8 +17,10 @@ everything). attrpatch always runs the full grids. Both sides get `--threads` CP
 TransformerLens returns patched metric values; effects = value - the unpatched corrupted
 metric, compared with attrpatch's effects (batch means) on the cells both computed.
 attrpatch times: ``cold`` = the first call in a fresh process (compilation included),
-``warm`` = the same call again. Prints a table; writes
-``benchmarks/results/vs_transformerlens.json`` atomically.
+``warm`` = the same call again. The *ceiling* is what exact recomputation could reach on this
+machine: the FLOPs it needs (``bench_patching.needed_flops``) at the jitted matrix-product rate
+measured in the same run; `efficiency` = needed FLOPs / warm time / that rate. Prints a table;
+writes ``benchmarks/results/vs_transformerlens.json`` atomically.
 
 Usage: ``python benchmarks/bench_vs_transformerlens.py [--tl-layers 0,11] [--tl-by-pos-heads all]
 [--layers 12]``
@@ -161,7 +163,7 @@ def main():
     sys.path.insert(0, HERE)
     import jax
     import numpy as np
-    from bench_patching import ioi_task
+    from bench_patching import ioi_task, matmul_rate, needed_flops
 
     from attrpatch.loading import load_model
     from attrpatch.patching import patch
@@ -205,6 +207,7 @@ def main():
 
     model = load_model(ckpt)
     cfg = model.config
+    rate = matmul_rate()  # GFLOP/s; measured again after our runs (the machine is shared)
     rows = []
     for grid in grids:
         t = time.perf_counter()
@@ -215,8 +218,10 @@ def main():
         warm = time.perf_counter() - t
         ours = np.asarray(res[grid])
         n_patches = int(np.prod(ours.shape))
+        gflop = needed_flops(cfg, task, grid, range(L)) / 1e9
         row = dict(grid=grid, tl_function=TL_FN[grid], patches=n_patches, ours_cold_s=cold,
-                   ours_warm_s=warm, ours_base_metric=res.base_metric,
+                   ours_warm_s=warm, ours_compile_s=cold - warm, needed_gflop=gflop,
+                   efficiency=gflop / warm / rate, ours_base_metric=res.base_metric,
                    ours_source_metric=res.source_metric)
         if tl is not None and grid in tl:
             tl_vals = np.asarray(tl[grid]["values"]) - tl["corrupt_metric"]
@@ -227,6 +232,7 @@ def main():
                 tl_s=tl_s, tl_patches_run=tl[grid]["patches_run"], tl_full_grid_s=tl_full,
                 tl_extrapolated=tl[grid]["patches_run"] != n_patches,
                 speedup_cold=tl_full / cold, speedup_warm=tl_full / warm,
+                ceiling_speedup=tl_full / (gflop / rate),
                 issue_reference_tl_s=ISSUE_TL_S[grid] if L == 12 else None,
                 max_abs_diff=float(np.abs(tl_vals - ours_cmp).max()),
                 max_abs_effect=float(np.abs(ours_cmp).max()),
@@ -234,9 +240,12 @@ def main():
         rows.append(row)
         print(f"attrpatch {grid}: cold {cold:.1f}s warm {warm:.1f}s", file=sys.stderr, flush=True)
 
+    rate_after = matmul_rate()
     out = dict(model=dict(n_layers=L, d_model=cfg.d_model, n_heads=cfg.n_heads,
                           d_vocab=cfg.d_vocab), batch=task.batch, n_pos=task.n_pos,
-               threads=args.threads, jax_version=jax.__version__, rows=rows, tl_error=tl_error)
+               threads=args.threads, jax_version=jax.__version__,
+               matmul_gflops_per_s=rate, matmul_gflops_per_s_after=rate_after, rows=rows,
+               tl_error=tl_error)
     if tl is not None:
         out["tl"] = {k: tl[k] for k in ("transformer_lens_version", "torch_version", "threads",
                                         "load_s", "forward_s", "clean_metric", "corrupt_metric")}
@@ -244,23 +253,29 @@ def main():
             tl_clean=tl["clean_metric"], tl_corrupt=tl["corrupt_metric"],
             ours_clean=rows[0]["ours_source_metric"] if rows else None,
             ours_corrupt=rows[0]["ours_base_metric"] if rows else None)
-    head = ("grid", "patches", "TL s", "ours cold s", "ours warm s", "speedup cold",
-            "speedup warm", "vs issue's TL (cold/warm)", "max |diff|", "max |effect|")
+    head = ("grid", "patches", "TL s", "ours cold s", "ours warm s", "compile s", "speedup cold",
+            "speedup warm", "ceiling", "needed GFLOP", "efficiency", "vs issue's TL (cold/warm)",
+            "max |diff|", "max |effect|")
+    print(f"\njitted matmul rate: {rate:.0f} GFLOP/s before, {rate_after:.0f} after")
     print("\n| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
+        ours = (f"| {r['grid']} | {r['patches']} | {{tl}} | {r['ours_cold_s']:.1f} | "
+                f"{r['ours_warm_s']:.1f} | {r['ours_compile_s']:.1f} | {{rest}} | "
+                f"{r['needed_gflop']:.0f} | {100 * r['efficiency']:.0f}% | {{tail}} |")
         if "tl_s" in r:
             ext = "*" if r["tl_extrapolated"] else ""
             ref_s = r["issue_reference_tl_s"]
             ref = "-" if ref_s is None else (f"{ref_s / r['ours_cold_s']:.1f}x / "
                                              f"{ref_s / r['ours_warm_s']:.1f}x")
-            print(f"| {r['grid']} | {r['patches']} | {r['tl_full_grid_s']:.1f}{ext} | "
-                  f"{r['ours_cold_s']:.1f} | {r['ours_warm_s']:.1f} | {r['speedup_cold']:.1f}x | "
-                  f"{r['speedup_warm']:.1f}x | {ref} | {r['max_abs_diff']:.1e} | "
-                  f"{r['max_abs_effect']:.2f} |")
+            print(ours.format(
+                tl=f"{r['tl_full_grid_s']:.1f}{ext}",
+                rest=f"{r['speedup_cold']:.1f}x | {r['speedup_warm']:.1f}x | {r['ceiling_speedup']:.1f}x",
+                tail=f"{ref} | {r['max_abs_diff']:.1e} | {r['max_abs_effect']:.2f}"))
         else:
-            print(f"| {r['grid']} | {r['patches']} | - | {r['ours_cold_s']:.1f} | "
-                  f"{r['ours_warm_s']:.1f} | - | - | - | - | - |")
+            print(ours.format(tl="-", rest="- | - | -", tail="- | - | -"))
+    print("ceiling = TL time / (needed FLOPs at the matmul rate): the best any exact engine doing "
+          "this recomputation could reach here; efficiency = needed FLOPs / warm time / matmul rate.")
     if tl is not None:
         print(f"TL one forward: {tl['forward_s']:.3f}s (this machine). * TL ran a sample "
               f"(layers {tl_layers}; by-position: layers {bp_layers} x heads {bp_heads}), "

@@ -20,7 +20,7 @@ ALL = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", 
        "z_by_pos", "q_by_pos", "k_by_pos", "v_by_pos", "pattern", "pattern_by_query",
        "pattern_by_entry")
 NEURONS = [(0, 3), (1, 5), (1, 70), (0, 127)]
-ATOL = 2e-5
+ATOL = 1e-5
 
 
 def make_task(seed=0, batch=3, n_pos=7, first=2, same=False, mask=False, metric="logit_diff"):
@@ -118,7 +118,7 @@ def test_every_granularity_matches_naive_denoise(tiny_model):
     task = make_task(mask=True)
     grans = ALL + ("post", "post_by_pos")
     res = patch(model, task, grans, neurons=NEURONS, batch_size=5, per_prompt=True,
-                progress=False, suffix_buckets=1)
+                progress=False)
     assert res.method == "exact" and res.direction == "denoise"
     for gran in grans:
         check(res, gran, naive(model, task, gran, neurons=NEURONS if gran.startswith("post") else None))
@@ -132,12 +132,12 @@ def test_every_granularity_matches_naive_denoise(tiny_model):
         assert np.nanmax(np.abs(pp)) > 1e-3
 
 
-def test_noise_direction_and_suffix_buckets_match_naive(tiny_model):
+def test_noise_direction_matches_naive(tiny_model):
     model, _ = tiny_model
     task = make_task(seed=1, first=1)
     grans = ("resid_post", "k_by_pos", "q", "pattern_by_query", "post_by_pos")
     res = patch(model, task, grans, direction="noise", neurons=NEURONS, batch_size=4,
-                per_prompt=True, progress=False, suffix_buckets=3)
+                per_prompt=True, progress=False)
     assert res.direction == "noise"
     for gran in grans:
         check(res, gran, naive(model, task, gran, "noise",
@@ -150,7 +150,7 @@ def test_ablations_match_naive(tiny_model, source):
     task = make_task(seed=2, mask=True)
     grans = ("resid_mid", "v_by_pos", "pattern")
     res = patch(model, task, grans, source=source, seed=3, batch_size=8, per_prompt=True,
-                progress=False, suffix_buckets=2)
+                progress=False)
     assert res.direction == "noise" and res.source == source and res.complete
     for gran in grans:
         check(res, gran, naive(model, task, gran, "noise", source=source, seed=3))
@@ -195,25 +195,24 @@ def test_identical_runs_through_the_compute_path_give_zeros(tiny_model, monkeypa
     model, _ = tiny_model
     task = make_task(seed=8, same=True)
     calls = []
-    real = P._run_bucket
+    real = P._run_layer
     monkeypatch.setattr(P, "_unchanged", lambda gran, base, src, grids: np.zeros(
         (len(grids), base.shape[0]), bool))
-    monkeypatch.setattr(P, "_run_bucket", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(P, "_run_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
     same_iv = Interventions(delta={"hook_embed": jnp.zeros((task.batch, task.n_pos, 32))})
     grans = ("resid_pre", "z_by_pos", "pattern", "v")
-    res = patch(model, task, grans, per_prompt=True, progress=False, suffix_buckets=0,
-                corrupt_interventions=same_iv)
+    res = patch(model, task, grans, per_prompt=True, progress=False, corrupt_interventions=same_iv)
     assert calls
     for gran in grans:
         np.testing.assert_allclose(res.scores[gran].per_prompt, 0, atol=ATOL, err_msg=gran)
 
 
-def test_batch_size_and_buckets_do_not_change_results(tiny_model):
+def test_batch_size_does_not_change_results(tiny_model):
     model, _ = tiny_model
     task = make_task(seed=5, mask=True)
     grans = ("resid_pre", "z_by_pos")
-    runs = [patch(model, task, grans, batch_size=bs, suffix_buckets=nb, per_prompt=True,
-                  progress=False) for bs, nb in ((1, 0), (3, 4), (64, 2))]
+    runs = [patch(model, task, grans, batch_size=bs, per_prompt=True, progress=False)
+            for bs in (1, 3, 64)]
     for r in runs[1:]:
         for gran in grans:
             np.testing.assert_allclose(r.scores[gran].per_prompt, runs[0].scores[gran].per_prompt,
@@ -226,9 +225,9 @@ def test_interrupt_keeps_partial_results_and_checkpoint_resumes(tiny_model, tmp_
     model, _ = tiny_model
     task = make_task(seed=6)
     grans = ("attn_out", "z")
-    kw = dict(per_prompt=True, progress=False, suffix_buckets=1)  # one bucket call per layer
+    kw = dict(per_prompt=True, progress=False)
     full = patch(model, task, grans, **kw)
-    real, calls = P._run_bucket, []
+    real, calls = P._run_layer, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -236,7 +235,7 @@ def test_interrupt_keeps_partial_results_and_checkpoint_resumes(tiny_model, tmp_
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(P, "_run_bucket", flaky)
+    monkeypatch.setattr(P, "_run_layer", flaky)
     with pytest.warns(UserWarning, match="interrupted"):
         part = patch(model, task, grans, checkpoint_dir=tmp_path, **kw)
     assert np.isnan(part["z"]).all() and np.isnan(part["attn_out"][1]).all()
@@ -346,15 +345,16 @@ def test_no_op_patches_are_exact_zeros_and_not_run(tiny_model, monkeypatch):
     corrupt = clean.copy()
     corrupt[:, 2] = (clean[:, 2] + 7) % 61
     task = Task(clean, corrupt, rng.integers(0, 61, 2), rng.integers(0, 61, 2))
-    real, runs = P._run_bucket, []
+    real, runs = P._run_layer, []
 
-    def spy(model_, task_, reference, metric_fn, gran, layer, start, idx, *args, **kwargs):
-        runs.append((gran, layer, sorted(int(i) for i in idx[:, 0])))
-        return real(model_, task_, reference, metric_fn, gran, layer, start, idx, *args, **kwargs)
+    def spy(model_, task_, reference, metric_fn, gran, layer, chunks, *args, **kwargs):
+        runs.append((gran, layer, sorted(int(i) for _, rows in chunks
+                                         for i in rows.idx[: len(_), 0])))
+        return real(model_, task_, reference, metric_fn, gran, layer, chunks, *args, **kwargs)
 
-    monkeypatch.setattr(P, "_run_bucket", spy)
+    monkeypatch.setattr(P, "_run_layer", spy)
     grans = ("resid_pre", "z_by_pos", "mlp_out")
-    res = patch(model, task, grans, per_prompt=True, progress=False, suffix_buckets=2)
+    res = patch(model, task, grans, per_prompt=True, progress=False)
     for gran in grans:
         check(res, gran, naive(model, task, gran))
     pp = res.scores["resid_pre"].per_prompt
