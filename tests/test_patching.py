@@ -363,3 +363,41 @@ def test_no_op_patches_are_exact_zeros_and_not_run(tiny_model, monkeypatch):
     # by-position patches of row-local sites in the last layer reach the logits only at the answer
     last = [set(ps) for g, layer, ps in runs if g in ("z_by_pos", "mlp_out") and layer == 1]
     assert len(last) == 2 and all(ps == {5} for ps in last)
+
+
+def test_packed_rows_are_exactly_each_runs_start_to_answer():
+    """Each non-inert (variant, prompt) run gets its positions start..answer once (start: the
+    patch position, or the prompt's first difference for all-position patches); inert runs and
+    padding slots get none; the chunks of a layer share one padded shape."""
+    from attrpatch.patching import _chunks
+
+    B, n = 3, 9
+    cpos = np.array([-1, 0, 2, 4, 5, 8, 3])
+    idx = np.zeros((len(cpos), 4), np.int32)
+    idx[:, 0], idx[:, 1] = np.maximum(cpos, 0), np.arange(len(cpos))
+    fd, ans = np.array([1, 3, 0]), np.array([8, 6, 4])
+    inert = np.where(cpos[:, None] >= 0, (cpos[:, None] < fd) | (cpos[:, None] > ans), fd > ans)
+    inert[3, 0] = True  # say, a patch writing the value already there
+    active = np.flatnonzero(~inert.all(1))
+    chunks = _chunks(idx, cpos, inert, fd, ans, n, max_variants=3)
+    assert len(chunks) == -(-len(active) // 3)
+    assert len({(rows.idx.shape, rows.flat.shape) for _, rows in chunks}) == 1
+    np.testing.assert_array_equal(np.sort(np.concatenate([v for v, _ in chunks])), active)
+    for variants, rows in chunks:
+        V, R = rows.idx.shape[0], len(rows.flat)
+        assert len(variants) <= 3 and V <= 3
+        real = rows.flat[rows.flat < V * B * n]
+        assert len(set(real.tolist())) == len(real)
+        for v in range(V):
+            for b in range(B):
+                run = v * B + b
+                got = sorted((real[real // n == run] % n).tolist())
+                if v >= len(variants) or inert[variants[v], b]:
+                    assert got == [] and rows.first_row[run] == rows.answer_row[run] == R
+                    continue
+                c = variants[v]
+                np.testing.assert_array_equal(rows.idx[v], idx[c])
+                start = cpos[c] if cpos[c] >= 0 else fd[b]
+                assert got == list(range(start, ans[b] + 1))
+                assert rows.flat[rows.first_row[run]] % n == start
+                assert rows.flat[rows.answer_row[run]] % n == ans[b]
