@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from attrpatch.task import Task
+from attrpatch.tasks import default_bos_id, pad_rows
 
 TOKEN_KEYS = ("clean_tokens", "corrupt_tokens", "correct_tokens", "incorrect_tokens")
 
@@ -163,8 +164,6 @@ def _from_text(prompts, tok, path: Path, metric: str, prepend_bos: bool = False)
         raise DataError(f"{path}: expected a non-empty list of prompts")
     bos = []
     if prepend_bos:
-        from attrpatch.tasks import default_bos_id
-
         bos_id = default_bos_id(tok)
         if bos_id is None:
             raise DataError(f"{path}: prepend_bos, but the tokenizer has no <|endoftext|>, <bos> "
@@ -206,11 +205,8 @@ def _from_text(prompts, tok, path: Path, metric: str, prepend_bos: bool = False)
         if len({len(a) for a in lists}) != 1:
             raise DataError(f"{path}: every prompt needs the same number of {name}; got "
                             f"{sorted({len(a) for a in lists})}")
-    n_pos = max(len(c) for c in clean)
-    mask = np.zeros((len(clean), n_pos), np.int32)
-    pad = lambda rows: np.asarray([r + [0] * (n_pos - len(r)) for r in rows], np.int32)
-    for i, c in enumerate(clean):
-        mask[i, : len(c)] = 1
-    return Task(pad(clean), pad(corrupt), np.asarray(correct), np.asarray(incorrect),
-                attention_mask=None if mask.all() else mask, metric=metric)
+    clean_tokens, mask = pad_rows(clean)
+    corrupt_tokens, _ = pad_rows(corrupt)
+    return Task(clean_tokens, corrupt_tokens, np.asarray(correct), np.asarray(incorrect),
+                attention_mask=mask, metric=metric)
 

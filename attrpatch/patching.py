@@ -31,7 +31,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -406,6 +406,27 @@ def _check_neurons(neurons, cfg) -> dict[int, list[int]]:
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
+def _check_components(components, grans, cfg, n_pos: int) -> dict[str, dict[int, set[tuple]]]:
+    """`components` as granularity -> layer -> set of the rest of each index; checked."""
+    out: dict[str, dict[int, set[tuple]]] = {}
+    for g, indices in components.items():
+        if g not in grans:
+            raise ValueError(f"components for {g!r}, which is not among the granularities {list(grans)}")
+        shape = grid_shape(g, cfg.n_layers, n_pos, cfg.n_heads, cfg.d_mlp)
+        axes = GRANULARITIES[g][1]
+        by_layer: dict[int, set[tuple]] = {}
+        for index in indices:
+            index = tuple(int(i) for i in np.ravel(index))
+            if len(index) != len(axes) or not all(0 <= i < n for i, n in zip(index, shape, strict=False)):
+                raise ValueError(f"components[{g!r}]: {index} is not an index ({', '.join(axes)}) "
+                                 f"into its grid of shape {shape}")
+            by_layer.setdefault(index[0], set()).add(index[1:])
+        if not by_layer:
+            raise ValueError(f"components[{g!r}] is empty")
+        out[g] = by_layer
+    return out
+
+
 def _row_local(gran: str) -> bool:
     """Whether each variant of `gran` patches one position of a row-local site."""
     key, axes = GRANULARITIES[gran]
@@ -442,6 +463,7 @@ def patch(
     seed: int = 0,
     corrupt_interventions: Interventions | None = None,
     layers: Sequence[int] | None = None,
+    components: Mapping[str, Sequence[Sequence[int]]] | None = None,
 ) -> PatchResults:
     """Exact activation patching of every component of each granularity.
 
@@ -466,6 +488,9 @@ def patch(
     - `corrupt_interventions`: the corrupted run is the clean tokens with these interventions
       (see :func:`gaussian_noise_corruption`) instead of `task.corrupt_tokens`.
     - `layers`: patch only these layers (others NaN); default all.
+    - `components`: granularity -> grid indices ``(layer, ...)`` (as in the result's axes): patch
+      only these components of those granularities (others NaN), e.g. to verify a few AtP scores.
+      Neuron granularities listed here need no `neurons`.
 
     Ctrl-C returns what has been computed (NaN elsewhere) with a warning.
 
@@ -499,7 +524,8 @@ def patch(
         raise ValueError("source='resample' needs at least 2 prompts")
     if not (isinstance(batch_size, int | np.integer) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    needs_neurons = [g for g in grans if "neuron" in GRANULARITIES[g][1]]
+    wanted = _check_components(components or {}, grans, cfg, task.n_pos)
+    needs_neurons = [g for g in grans if "neuron" in GRANULARITIES[g][1] and g not in wanted]
     if needs_neurons and neurons is None:
         raise ValueError(f"{', '.join(needs_neurons)}: pass neurons= ((layer, neuron) pairs or AtP results)")
     layer_neurons = _check_neurons(neurons, cfg) if needs_neurons else {}
@@ -548,10 +574,18 @@ def patch(
     total = 0.0
     for g in grans:
         g_layers = sorted(layer_neurons) if g in needs_neurons else layer_list
+        if g in wanted:
+            g_layers = [i for i in g_layers if i in wanted[g]]
         key = GRANULARITIES[g][0]
         base_np, src_np = np.asarray(base_cache[key]), np.asarray(src_cache[key])
         for layer in g_layers:
-            grids, idx, cpos = _components(g, n_pos, cfg.n_heads, layer_neurons.get(layer, ()))
+            if g in wanted:  # only the listed components (their neurons, for neuron grids)
+                grids, idx, cpos = _components(g, n_pos, cfg.n_heads,
+                                               sorted({c[-1] for c in wanted[g][layer]}))
+                keep = np.array([tuple(row) in wanted[g][layer] for row in grids.tolist()], bool)
+                grids, idx, cpos = grids[keep], idx[keep], cpos[keep]
+            else:
+                grids, idx, cpos = _components(g, n_pos, cfg.n_heads, layer_neurons.get(layer, ()))
             inert = np.where(
                 (cpos >= 0)[:, None],
                 (cpos[:, None] < first_diff[None]) | (cpos[:, None] > ans_np[None]),
@@ -569,7 +603,7 @@ def patch(
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
         fp = _fingerprint(model, task, direction, source, metric_name, seed,
-                          repr(layer_neurons), corrupt_interventions)
+                          repr((layer_neurons, wanted)), corrupt_interventions)
         meta_path = os.path.join(checkpoint_dir, "meta.json")
         if os.path.exists(meta_path):
             with open(meta_path) as f:

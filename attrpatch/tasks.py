@@ -76,7 +76,7 @@ def _encode(tokenizer: Tokenizer, text: str, bos_id: int | None) -> list[int]:
     return ([bos_id] if bos_id is not None else []) + ids
 
 
-def _pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray | None]:
+def pad_rows(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray | None]:
     """Right-pad with id 0: ``(tokens [batch, pos], mask [batch, pos] or None)``."""
     n = max(len(r) for r in rows)
     tokens = np.zeros((len(rows), n), np.int32)
@@ -145,8 +145,8 @@ def _ioi(
         corrupt_rows.append(corrupt_ids)
         correct.append(name_id[io])
         incorrect.append(name_id[s])
-    clean_tokens, mask = _pad(clean_rows)
-    corrupt_tokens, _ = _pad(corrupt_rows)
+    clean_tokens, mask = pad_rows(clean_rows)
+    corrupt_tokens, _ = pad_rows(corrupt_rows)
     return Task(clean_tokens, corrupt_tokens, np.array(correct), np.array(incorrect),
                 attention_mask=mask)
 
@@ -389,8 +389,8 @@ def greater_than_task(
         corrupt_rows.append(corrupt)
         correct.append([yy_id[v] for v in spread([v for v in range(y + 1, 100) if v in yy_id])])
         incorrect.append([yy_id[v] for v in spread([v for v in range(0, y + 1) if v in yy_id])])
-    clean_tokens, mask = _pad(clean_rows)
-    corrupt_tokens, _ = _pad(corrupt_rows)
+    clean_tokens, mask = pad_rows(clean_rows)
+    corrupt_tokens, _ = pad_rows(corrupt_rows)
     return Task(clean_tokens, corrupt_tokens, np.array(correct), np.array(incorrect),
                 attention_mask=mask)
 

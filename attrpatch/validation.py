@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attrpatch.interventions import Interventions, Patch
+from attrpatch.interventions import Interventions
+from attrpatch.patching import patch
 from attrpatch.results import (
     DIRECTIONS,
     FAMILIES,
@@ -38,7 +39,7 @@ from attrpatch.results import (
     reduce_to_grid,
 )
 from attrpatch.sites import site_axes
-from attrpatch.task import MetricReference, resolve_metric
+from attrpatch.task import METRICS, MetricReference, resolve_metric
 
 # Largest |atp.base_metric - exact.base_metric| that `validate` accepts, as a share of
 # max(1, |base metric|, |gap|): beyond it the two results come from different tasks or models.
@@ -424,11 +425,8 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
             num_ = np.einsum("blh,bp->lph", answer_row_max, sees)
             sat[g] = num_ / np.maximum(sees.sum(0), 1)[None, :, None]  # [layer, pos, head]
 
-    def answer_prob(logits):
-        lp = jax.nn.log_softmax(logits)
-        return np.exp(np.asarray(jnp.take_along_axis(lp, task.correct_tokens[:, :1], -1)[:, 0]))
-
-    p_clean, p_corrupt = answer_prob(clean_logits), answer_prob(corrupt_logits)
+    p_clean, p_corrupt = (np.asarray(METRICS["prob"](lg, task, reference))
+                          for lg in (clean_logits, corrupt_logits))
     p_base, p_source = (p_corrupt, p_clean) if direction == "denoise" else (p_clean, p_corrupt)
     share, reason = _metric_saturation(metric_name, direction, p_base, p_source, thresholds)
     return Diagnostics(
@@ -660,52 +658,19 @@ def validate(atp: PatchResults, exact: PatchResults, diagnostics: Diagnostics | 
 
 def exact_components(model, task, granularity: str, indices: Sequence[Sequence[int]],
                      direction: str = "denoise", metric=None) -> tuple[np.ndarray, float, float]:
-    """Exact effects of patching the listed components of one granularity, one forward each.
+    """Exact effects of patching the listed components of one granularity
+    (:func:`attrpatch.patch` with ``components=``).
 
     **Arguments:** `indices`: ``[n, len(axes)]`` component indices; the rest as
     :func:`attrpatch.attribute`.
 
     **Returns:** ``(effects [n], base_metric, source_metric)`` (batch means, metric units).
     """
-    base_tokens, _ = task.runs(direction)  # raises for an unknown direction
-    (granularity,) = check_granularities([granularity], model.config.attn_only)
-    task.check_for(model)
-    _, metric_fn = resolve_metric(metric, task)
-    key, gaxes = GRANULARITIES[granularity]
-    mask, positions = task.attention_mask, task.answer_positions
-    clean_logits, clean_cache = model.run(task.clean_tokens, mask, cache_keys=(key,),
-                                          logit_positions=positions)
-    corrupt_logits, corrupt_cache = model.run(task.corrupt_tokens, mask, cache_keys=(key,),
-                                              logit_positions=positions)
-    if direction == "denoise":
-        source_cache = clean_cache
-        base_logits, source_logits = corrupt_logits, clean_logits
-    else:
-        source_cache = corrupt_cache
-        base_logits, source_logits = clean_logits, corrupt_logits
-    reference = MetricReference(clean_logits, corrupt_logits)
-    source = source_cache[key]
-    axes = ("layer",) + site_axes(key)
-    shape = tuple(source.shape[i] if a in gaxes else 1 for i, a in enumerate(axes))
-    where = [axes.index(a) for a in gaxes]
-
-    @jax.jit
-    def one(m):
-        iv = Interventions(patch={key: Patch(m, source)})
-        logits, _ = model.run(base_tokens, mask, iv, logit_positions=positions)
-        return metric_fn(logits, task, reference).mean()
-
-    base_metric = float(metric_fn(base_logits, task, reference).mean())
-    source_metric = float(metric_fn(source_logits, task, reference).mean())
-    effects = []
-    for index in indices:
-        m = np.zeros(shape, bool)
-        full = [0] * len(axes)
-        for w, i in zip(where, index, strict=True):
-            full[w] = int(i)
-        m[tuple(full)] = True
-        effects.append(float(one(jnp.asarray(m))) - base_metric)
-    return np.asarray(effects), base_metric, source_metric
+    indices = [tuple(int(i) for i in index) for index in indices]
+    res = patch(model, task, (granularity,), direction, metric, progress=False,
+                components={granularity: indices})
+    effects = np.asarray([res[granularity][index] for index in indices], float)
+    return effects, res.base_metric, res.source_metric
 
 
 def _wilson_upper(k: int, n: int, z: float = 1.96) -> float:

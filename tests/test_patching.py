@@ -401,3 +401,21 @@ def test_packed_rows_are_exactly_each_runs_start_to_answer():
                 assert got == list(range(start, ans[b] + 1))
                 assert rows.flat[rows.first_row[run]] % n == start
                 assert rows.flat[rows.answer_row[run]] % n == ans[b]
+
+
+def test_components_patch_only_those(tiny_model):
+    model, _ = tiny_model
+    task = make_task(seed=10, mask=True)
+    picks = {"resid_pre": [(0, 3), (1, 6)], "z_by_pos": [(1, 4, 2)], "post_by_pos": [(0, 5, 70)]}
+    res = patch(model, task, tuple(picks), components=picks, per_prompt=True, progress=False)
+    for gran, indices in picks.items():
+        expected = naive(model, task, gran, neurons=[(0, 70)] if gran == "post_by_pos" else None)
+        got = res.scores[gran].per_prompt
+        assert np.isfinite(got).sum() == len(indices) * task.batch, gran
+        for index in indices:
+            np.testing.assert_allclose(got[(slice(None), *index)], expected[(slice(None), *index)],
+                                       atol=ATOL, rtol=0, err_msg=gran)
+    with pytest.raises(ValueError, match="not an index"):
+        patch(model, task, ("z",), components={"z": [(0, 99)]}, progress=False)
+    with pytest.raises(ValueError, match="not among the granularities"):
+        patch(model, task, ("z",), components={"k": [(0, 1)]}, progress=False)
