@@ -200,7 +200,7 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
     key = GRANULARITIES[gran][0]
     idx, flat = chunk.idx, chunk.flat
     V, B, n = idx.shape[0], keep.shape[0], keep.shape[-1]
-    R, runs, last = flat.shape[0], V * keep.shape[0], cfg.n_layers - 1
+    runs, last = V * B, cfg.n_layers - 1
     dummy = runs * n
     row_run, row_pos = jnp.minimum(flat, dummy - 1) // n, flat % n  # (padding rows: any real one)
     row_prompt, row_slot = row_run % B, row_run // B
@@ -252,11 +252,22 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
     if row_local:
         run_pos = jnp.repeat(idx[:, 0], B)  # [runs]
         run_prompt = jnp.tile(jnp.arange(B), V)
-        has_rows = chunk.first_row < R
-        run_flat = jnp.where(has_rows, jnp.arange(runs) * n + run_pos, dummy)
         masks = jax.vmap(lambda ix: _row_mask(gran, ix, ix[0], cfg))(jnp.repeat(idx, B, 0))
         iv = Interventions(patch={key: Patch(masks[:, None], source[run_prompt, run_pos][:, None])})
-        patched = run_block(layer, resid[run_prompt, run_pos], run_flat, iv)  # [runs, d]
+
+        def base_attention(q, k, v, hook):
+            """The patched rows (one per run, ``[runs, 1, head, d_head]`` queries) attend over the
+            base run's keys and values (a row-local patch leaves this layer's as they were): each
+            prompt is a batch row whose V query rows are its runs' patched positions."""
+            qs = q[:, 0].reshape(V, B, *q.shape[2:]).swapaxes(0, 1)  # [B, V, head, d_head]
+            row_keep = keep[jnp.arange(B)[:, None], 0, idx[None, :, 0]][:, None]  # [B, 1, V, pos]
+            z = gpt2.causal_attention(qs, at(base["attn.hook_k"], layer), at(base["attn.hook_v"], layer),
+                                      row_keep, scales[layer], hook)
+            return z.swapaxes(0, 1).reshape(runs, 1, *z.shape[2:])
+
+        patched, _ = gpt2.block(at(blocks, layer), cfg, resid[run_prompt, run_pos][:, None], None,
+                                scales[layer], iv, base_attention)
+        patched = patched[:, 0]  # [runs, d]
 
         def onward(patched):
             nxt = lax.dynamic_index_in_dim(base["hook_resid_pre"], jnp.minimum(layer + 1, last),
