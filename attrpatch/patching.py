@@ -138,6 +138,7 @@ class _PackedRows(NamedTuple):
     flat: np.ndarray  # [R] flat index of each packed row
     first_row: np.ndarray  # [V * B] packed row of each run's first position (R: the run has none)
     answer_row: np.ndarray  # [V * B] packed row of each run's answer position (R: none)
+    layout_row: np.ndarray  # [V * B * n_pos] packed row at each flat index (R: none)
 
 
 def _chunks(idx: np.ndarray, cpos: np.ndarray, inert: np.ndarray, first_diff: np.ndarray,
@@ -175,9 +176,11 @@ def _chunks(idx: np.ndarray, cpos: np.ndarray, inert: np.ndarray, first_diff: np
         first_row = np.full(V * B, R, np.int32)
         answer_row = np.full(V * B, R, np.int32)
         first_row[run], answer_row[run] = offsets, offsets + lens - 1
+        layout_row = np.full(V * B * n_pos, R, np.int32)
+        layout_row[flat[: lens.sum()]] = np.arange(lens.sum())
         slot_idx = np.zeros((V, 4), np.int32)
         slot_idx[: len(g)] = idx[g]
-        out.append((g, _PackedRows(slot_idx, flat, first_row, answer_row)))
+        out.append((g, _PackedRows(slot_idx, flat, first_row, answer_row, layout_row)))
     return out
 
 
@@ -200,7 +203,7 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
     key = GRANULARITIES[gran][0]
     idx, flat = chunk.idx, chunk.flat
     V, B, n = idx.shape[0], keep.shape[0], keep.shape[-1]
-    runs, last = V * B, cfg.n_layers - 1
+    R, runs, last = flat.shape[0], V * B, cfg.n_layers - 1
     dummy = runs * n
     row_run, row_pos = jnp.minimum(flat, dummy - 1) // n, flat % n  # (padding rows: any real one)
     row_prompt, row_slot = row_run % B, row_run // B
@@ -213,40 +216,41 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
     def with_dummy(x):  # one extra row, for padding indices to read from or write to
         return jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
 
-    def runs_layout(base_j, rows, rows_flat):
-        """``[B, pos, ...]`` base values -> ``[runs, pos, ...]`` with `rows` written at `rows_flat`."""
-        full = jnp.broadcast_to(base_j[None], (V, *base_j.shape)).reshape(dummy, *base_j.shape[2:])
-        return with_dummy(full).at[rows_flat].set(rows.astype(full.dtype))[:-1].reshape(
-            runs, n, *base_j.shape[2:])
+    own = (chunk.layout_row < R)[:, None, None]
+    answer_pos = with_dummy(flat)[chunk.answer_row] % n  # [runs] (runs without rows: 0)
+    answer_keep = keep_runs[jnp.arange(runs), :, answer_pos][:, :, None]  # [runs, 1, 1, pos]
 
-    def attention(j, q_flat, kv_rows=None):
-        """`attend` for `gpt2.block` on packed rows: queries at `q_flat`; keys and values of the
-        block's own rows, or `kv_rows` (``(k, v)`` at every packed row) when given."""
+    def runs_layout(base_j, rows):
+        """Base values ``[B, pos, ...]`` -> ``[runs, pos, ...]`` with packed `rows` ``[R, ...]``
+        at their positions."""
+        full = jnp.broadcast_to(base_j[None], (V, *base_j.shape)).reshape(dummy, *base_j.shape[2:])
+        mine = with_dummy(rows.astype(full.dtype))[chunk.layout_row]
+        return jnp.where(own, mine, full).reshape(runs, n, *base_j.shape[2:])
+
+    def attention(j, kv_rows=None):
+        """`attend` for `gpt2.block`: queries, keys and values at every packed row; or, given
+        `kv_rows` (``(k, v)`` at every packed row), one query per run (its answer row)."""
         def attend(q, k, v, hook):
+            base_k, base_v = at(base["attn.hook_k"], j), at(base["attn.hook_v"], j)
             if kv_rows is not None:
-                k, v, kv_flat = *kv_rows, flat
-            else:
-                kv_flat = q_flat
-            base_k = lax.dynamic_index_in_dim(base["attn.hook_k"], j, keepdims=False)
-            base_v = lax.dynamic_index_in_dim(base["attn.hook_v"], j, keepdims=False)
-            z = gpt2.causal_attention(runs_layout(jnp.zeros_like(base_k), q[:, 0], q_flat),
-                                      runs_layout(base_k, k[:, 0], kv_flat),
-                                      runs_layout(base_v, v[:, 0], kv_flat), keep_runs,
-                                      scales[j], hook)  # [runs, pos, head, d_head]
-            return with_dummy(z.reshape(dummy, *z.shape[2:]))[q_flat][:, None]
+                k, v = kv_rows
+                return gpt2.causal_attention(q, runs_layout(base_k, k[:, 0]),
+                                             runs_layout(base_v, v[:, 0]), answer_keep, scales[j], hook)
+            z = gpt2.causal_attention(runs_layout(jnp.zeros_like(base_k), q[:, 0]),
+                                      runs_layout(base_k, k[:, 0]), runs_layout(base_v, v[:, 0]),
+                                      keep_runs, scales[j], hook)  # [runs, pos, head, d_head]
+            return with_dummy(z.reshape(dummy, *z.shape[2:]))[flat][:, None]
         return attend
 
-    def run_block(j, x, q_flat, iv=NO_INTERVENTIONS, kv_rows=None):
-        out, _ = gpt2.block(at(blocks, j), cfg, x[:, None], None, scales[j], iv,
-                            attention(j, q_flat, kv_rows))
+    def run_block(j, x, iv=NO_INTERVENTIONS, kv_rows=None):
+        out, _ = gpt2.block(at(blocks, j), cfg, x[:, None], None, scales[j], iv, attention(j, kv_rows))
         return out[:, 0]
 
     def rest(x):
         """Packed rows after `layer` -> answer-row outputs of the last block ``[runs, d_model]``."""
-        x = lax.fori_loop(layer + 1, last, lambda j, x: run_block(j, x, flat), x)
+        x = lax.fori_loop(layer + 1, last, lambda j, x: run_block(j, x), x)
         _, k, v = gpt2.qkv(at(blocks, last), cfg, x[:, None])  # every row's keys and values...
-        answers = with_dummy(x)[chunk.answer_row]  # ...but the rest only at the answer rows
-        return run_block(last, answers, with_dummy(flat)[chunk.answer_row], kv_rows=(k, v))
+        return run_block(last, with_dummy(x)[chunk.answer_row], kv_rows=(k, v))  # ...one query
 
     resid = lax.dynamic_index_in_dim(base["hook_resid_pre"], layer, keepdims=False)  # [B, pos, d]
     if row_local:
@@ -284,7 +288,7 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
         else:
             masks = jax.vmap(lambda ix, p: _row_mask(gran, ix, p, cfg))(idx[row_slot], row_pos)[:, None]
             src = source[row_prompt, row_pos][:, None]
-        x = run_block(layer, resid[row_prompt, row_pos], flat, Interventions(patch={key: Patch(masks, src)}))
+        x = run_block(layer, resid[row_prompt, row_pos], Interventions(patch={key: Patch(masks, src)}))
         final = lax.cond(layer < last, rest, lambda x: with_dummy(x)[chunk.answer_row], x)
 
     def answer_metric(x):  # [B, d] -> [B]

@@ -388,6 +388,8 @@ def test_packed_rows_are_exactly_each_runs_start_to_answer():
         assert len(variants) <= 3 and V <= 3
         real = rows.flat[rows.flat < V * B * n]
         assert len(set(real.tolist())) == len(real)
+        np.testing.assert_array_equal(rows.layout_row[real], np.arange(len(real)))
+        assert (np.delete(rows.layout_row, real) == R).all()
         for v in range(V):
             for b in range(B):
                 run = v * B + b
