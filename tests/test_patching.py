@@ -421,3 +421,21 @@ def test_components_patch_only_those(tiny_model):
         patch(model, task, ("z",), components={"z": [(0, 99)]}, progress=False)
     with pytest.raises(ValueError, match="not among the granularities"):
         patch(model, task, ("z",), components={"k": [(0, 1)]}, progress=False)
+
+
+def test_bfloat16_model_matches_float32_within_stated_tolerance(tiny_model):
+    """bf16 compute (float32 LayerNorm, attention logits and unembedding): effects within 5% of
+    the largest float32 effect."""
+    import jax
+
+    from attrpatch import Model
+
+    model, _ = tiny_model
+    bf16 = Model(model.config, jax.tree.map(lambda a: a.astype(jnp.bfloat16), model.params))
+    task = make_task(seed=11, mask=True)
+    grans = ("resid_pre", "z_by_pos", "pattern")
+    full, low = (patch(m, task, grans, progress=False) for m in (model, bf16))
+    for gran in grans:
+        scale = np.nanmax(np.abs(full[gran]))
+        assert scale > 1e-3
+        np.testing.assert_allclose(low[gran], full[gran], atol=0.05 * scale, rtol=0, err_msg=gran)
