@@ -58,10 +58,14 @@ SOURCES = ("default", "zero", "mean", "resample")
 ABLATIONS = ("zero", "mean", "resample")
 _HEAD_SITES = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")
 _PATTERN = "attn.hook_pattern"
-# Sites after attention mixing that change only their own row: patching one position of one of
-# these in layer l leaves every other position of layer l as in the base run.
-_ROW_LOCAL = ("attn.hook_q", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre",
-              "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+# Sites at or after the attention output: a patch there leaves its layer's attention output z as
+# in the base run, so the patched layer takes the cached z (its queries, keys and values are
+# then dead code, which XLA drops).
+_AFTER_ATTENTION = ("attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre",
+                    "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+# Sites that change only their own row: patching one position of one of these in layer l
+# leaves every other position of layer l as in the base run.
+_ROW_LOCAL = ("attn.hook_q", *_AFTER_ATTENTION)
 # Packed row and variant counts are rounded up to one of these (at most 25% more): few shapes.
 _SIZES = np.unique([int(2**k * f) for k in range(40) for f in (1, 1.25, 1.5, 1.75)])
 
@@ -189,8 +193,8 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
                    cfg, gran, metric_fn, row_local):
     """Metric ``[V, batch]``: each slot's variant patched into `layer`, for every prompt.
 
-    - `base`: the base run's ``hook_resid_pre``, ``attn.hook_k``, ``attn.hook_v`` (``[n_layers,
-      batch, pos, ...]``).
+    - `base`: the base run's ``hook_resid_pre``, ``attn.hook_k``, ``attn.hook_v``,
+      ``attn.hook_z`` (``[n_layers, batch, pos, ...]``).
     - `source`: the site's source activation in `layer` (``[batch or 1, ...]``).
     - `keep`: attention keep-mask ``[batch, 1, pos, pos]``; `chunk`: :class:`_PackedRows`.
     - `row_local`: each variant patches one position of a site after attention mixing: the
@@ -242,15 +246,22 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
             return with_dummy(z.reshape(dummy, *z.shape[2:]))[flat][:, None]
         return attend
 
-    def run_block(j, x, iv=NO_INTERVENTIONS, kv_rows=None):
-        out, _ = gpt2.block(at(blocks, j), cfg, x[:, None], None, scales[j], iv, attention(j, kv_rows))
+    def run_block(j, x, iv=NO_INTERVENTIONS, attend=None):
+        """Block `j` on rows ``x [rows, d_model]`` (default attention: every packed row)."""
+        out, _ = gpt2.block(at(blocks, j), cfg, x[:, None], None, scales[j], iv,
+                            attend or attention(j))
         return out[:, 0]
 
     def rest(x):
         """Packed rows after `layer` -> answer-row outputs of the last block ``[runs, d_model]``."""
         x = lax.fori_loop(layer + 1, last, lambda j, x: run_block(j, x), x)
         _, k, v = gpt2.qkv(at(blocks, last), cfg, x[:, None])  # every row's keys and values...
-        return run_block(last, with_dummy(x)[chunk.answer_row], kv_rows=(k, v))  # ...one query
+        return run_block(last, with_dummy(x)[chunk.answer_row], attend=attention(last, (k, v)))
+
+    def cached_z(prompt, pos):
+        """`attend` giving the base run's z of `layer` at rows (`prompt`, `pos`)."""
+        z = at(base["attn.hook_z"], layer)[prompt, pos][:, None]
+        return lambda q, k, v, hook: z
 
     resid = lax.dynamic_index_in_dim(base["hook_resid_pre"], layer, keepdims=False)  # [B, pos, d]
     if row_local:
@@ -261,7 +272,7 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
 
         def base_attention(q, k, v, hook):
             """The patched rows (one per run, ``[runs, 1, head, d_head]`` queries) attend over the
-            base run's keys and values (a row-local patch leaves this layer's as they were): each
+            base run's keys and values (a query patch leaves this layer's as they were): each
             prompt is a batch row whose V query rows are its runs' patched positions."""
             qs = q[:, 0].reshape(V, B, *q.shape[2:]).swapaxes(0, 1)  # [B, V, head, d_head]
             row_keep = keep[jnp.arange(B)[:, None], 0, idx[None, :, 0]][:, None]  # [B, 1, V, pos]
@@ -269,9 +280,8 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
                                       row_keep, scales[layer], hook)
             return z.swapaxes(0, 1).reshape(runs, 1, *z.shape[2:])
 
-        patched, _ = gpt2.block(at(blocks, layer), cfg, resid[run_prompt, run_pos][:, None], None,
-                                scales[layer], iv, base_attention)
-        patched = patched[:, 0]  # [runs, d]
+        attend = cached_z(run_prompt, run_pos) if key in _AFTER_ATTENTION else base_attention
+        patched = run_block(layer, resid[run_prompt, run_pos], iv, attend)  # [runs, d]
 
         def onward(patched):
             nxt = lax.dynamic_index_in_dim(base["hook_resid_pre"], jnp.minimum(layer + 1, last),
@@ -288,7 +298,9 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
         else:
             masks = jax.vmap(lambda ix, p: _row_mask(gran, ix, p, cfg))(idx[row_slot], row_pos)[:, None]
             src = source[row_prompt, row_pos][:, None]
-        x = run_block(layer, resid[row_prompt, row_pos], Interventions(patch={key: Patch(masks, src)}))
+        attend = cached_z(row_prompt, row_pos) if key in _AFTER_ATTENTION else None
+        x = run_block(layer, resid[row_prompt, row_pos], Interventions(patch={key: Patch(masks, src)}),
+                      attend)
         final = lax.cond(layer < last, rest, lambda x: with_dummy(x)[chunk.answer_row], x)
 
     def answer_metric(x):  # [B, d] -> [B]
@@ -552,7 +564,7 @@ def patch(
 
     # Unpatched runs: clean, corrupted, and the caches the engine needs.
     keys = sorted({GRANULARITIES[g][0] for g in grans})
-    base_keys = tuple(sorted({"hook_resid_pre", "attn.hook_k", "attn.hook_v", *keys}))
+    base_keys = tuple(sorted({"hook_resid_pre", "attn.hook_k", "attn.hook_v", "attn.hook_z", *keys}))
     am, ans = task.attention_mask, task.answer_positions
     clean_logits, clean_cache = model.run(task.clean_tokens, am, NO_INTERVENTIONS, base_keys, ans)
     if corrupt_interventions is not None:
@@ -706,7 +718,7 @@ def _run_layer(model, task, reference, metric_fn, gran, layer, chunks, base_cach
     """Run one layer's chunks of `gran` (all dispatched before any is read): the components run
     ``[n]`` and their metric ``[n, batch]``."""
     key = GRANULARITIES[gran][0]
-    base = {k: base_cache[k] for k in ("hook_resid_pre", "attn.hook_k", "attn.hook_v")}
+    base = {k: base_cache[k] for k in ("hook_resid_pre", "attn.hook_k", "attn.hook_v", "attn.hook_z")}
     pending = [
         _chunk_metrics(model.params, jnp.int32(layer), base, src_cache[key][layer], keep,
                        jax.tree.map(jnp.asarray, rows), task, reference, cols, cfg=model.config,

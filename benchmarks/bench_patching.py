@@ -57,12 +57,14 @@ def needed_flops(cfg, task, gran, layers):
     """FLOPs exact recomputation needs, which is what the engine computes but for rounding its
     packed row counts up: per patched run (variant x prompt) and layer from the patched one, the
     positions start..answer (start: the patch position, or the prompt's first differing position
-    for all-position head patches); by-position head patches run their patched layer at one row;
+    for all-position head patches); head-output (z) patches leave their layer's attention as it
+    was, so the patched layer runs only W_O and the MLP (at one row for by-position patches);
     the last block (unless patched) runs keys and values at every recomputed position and the
     rest at the answer only; then the two logit-difference columns at the answer. resid_pre
     patches in layer 0 where clean and corrupt tokens agree, and by-position head patches in the
     last layer away from the answer, are inert and not run."""
     L, H, d = cfg.n_layers, cfg.n_heads, cfg.d_model
+    after_attention = 2 * (d * d + 2 * d * cfg.d_mlp)  # W_O and the MLP, one position
     differs = np.asarray(task.clean_tokens) != np.asarray(task.corrupt_tokens)
     total = 0.0
     for b, (fd, ans) in enumerate(zip(task.first_diff_positions, task.answer_positions, strict=True)):
@@ -80,11 +82,9 @@ def needed_flops(cfg, task, gran, layers):
                 if gran == "z_by_pos" and layer == L - 1 and s != ans:
                     continue
                 variants = 1 if gran == "resid_pre" else H
-                if layer == L - 1:
-                    work = flops_per_token_layer(cfg, s + 1) if gran == "z_by_pos" else rows(s)
-                else:
-                    patched = flops_per_token_layer(cfg, s + 1) if gran == "z_by_pos" else rows(s)
-                    work = patched + (L - 2 - layer) * rows(s) + tail(s)
+                patched = {"resid_pre": rows(s), "z": (int(ans) + 1 - s) * after_attention,
+                           "z_by_pos": after_attention}[gran]
+                work = patched if layer == L - 1 else patched + (L - 2 - layer) * rows(s) + tail(s)
                 total += variants * (work + 2 * d * 2)
     return total
 
