@@ -623,8 +623,9 @@ def patch(
             if _row_local(g) and layer == L - 1:  # only the answer row reaches the logits
                 inert |= cpos[:, None] != ans_np[None]
             chunks = _chunks(idx, cpos, inert, first_diff, ans_np, n_pos, batch_size)
-            plan.append((g, layer, grids, inert, chunks))
-            total += float(sum(len(v) for v, _ in chunks) * (L - layer))
+            work = float(sum(len(v) for v, _ in chunks) * (L - layer))  # progress units
+            plan.append((g, layer, grids, inert, chunks, work))
+            total += work
 
     fp = None
     if checkpoint_dir is not None:
@@ -645,8 +646,7 @@ def patch(
     bar = _Progress(total, progress)
     interrupted = False
     try:
-        for g, layer, grids, inert, chunks in plan:
-            work = float(sum(len(v) for v, _ in chunks) * (L - layer))
+        for g, layer, grids, inert, chunks, work in plan:
             ckpt = None if fp is None else os.path.join(checkpoint_dir, f"{g}.layer{layer}.npy")
             if ckpt is not None and os.path.exists(ckpt):
                 _fill(out[g], layer, grids, np.load(ckpt))
