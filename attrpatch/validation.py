@@ -653,7 +653,7 @@ def validate(atp: PatchResults, exact: PatchResults, diagnostics: Diagnostics | 
 
 
 # ----------------------------------------------------------------------------------------------
-# Exact patching of chosen components (naive: one forward per component) and budgeted verification
+# Exact patching of chosen components and budgeted verification
 
 
 def exact_components(model, task, granularity: str, indices: Sequence[Sequence[int]],
@@ -665,10 +665,13 @@ def exact_components(model, task, granularity: str, indices: Sequence[Sequence[i
     :func:`attrpatch.attribute`.
 
     **Returns:** ``(effects [n], base_metric, source_metric)`` (batch means, metric units).
+    Ctrl-C raises `KeyboardInterrupt` (no partial effects).
     """
     indices = [tuple(int(i) for i in index) for index in indices]
     res = patch(model, task, (granularity,), direction, metric, progress=False,
                 components={granularity: indices})
+    if not res.complete:  # Ctrl-C: partial effects must not pass for verified ones
+        raise KeyboardInterrupt
     effects = np.asarray([res[granularity][index] for index in indices], float)
     return effects, res.base_metric, res.source_metric
 

@@ -375,3 +375,17 @@ def test_diagnostics_roundtrip_and_metric_saturation(tiny_model):
     back = Diagnostics.from_arrays(d.to_arrays(), d.meta())
     np.testing.assert_array_equal(back.nonlinearity["z"], d.nonlinearity["z"])
     assert back.metric_saturation == 1.0
+
+
+def test_exact_components_interrupted_raises(tiny_model, monkeypatch):
+    """Ctrl-C inside the engine must not hand back NaN effects as verified ones."""
+    import attrpatch.patching as P
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "_run_layer", interrupted)
+    model = tiny_model[0]
+    task = _task(model)
+    with pytest.warns(UserWarning, match="interrupted"), pytest.raises(KeyboardInterrupt):
+        exact_components(model, task, "z", [(0, 0), (1, 2)])
