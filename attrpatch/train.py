@@ -28,13 +28,14 @@ import numpy as np
 import optax
 
 from attrpatch import tasks
+from attrpatch.atomic import atomic_write
 from attrpatch.attribution import attribute
 from attrpatch.gpt2 import GPT2Config, init_params
 from attrpatch.interventions import Interventions
 from attrpatch.loading import load_model, save_model
 from attrpatch.model import Model, _forward
 from attrpatch.patching import patch
-from attrpatch.results import DIRECTIONS, PatchResults
+from attrpatch.results import DIRECTIONS, PatchResults, available_granularities
 from attrpatch.task import Task, logit_diff
 from attrpatch.tokenizer import word_level_tokenizer
 from attrpatch.validation import Thresholds, Validation, diagnose, family_of, validate
@@ -267,8 +268,7 @@ DIRECTION_TITLES = {"denoise": "Denoising (clean activations patched into the co
 
 def validation_granularities(model: Model) -> tuple[str, ...]:
     """:data:`VALIDATION_GRANULARITIES` the model has (no ``mlp_out`` when attention-only)."""
-    return tuple(g for g in VALIDATION_GRANULARITIES
-                 if not (model.config.attn_only and g == "mlp_out"))
+    return available_granularities(model.config.attn_only, VALIDATION_GRANULARITIES)
 
 
 def atp_vs_exact(model: Model, task: Task, direction: str = "denoise",
@@ -673,10 +673,7 @@ def write_checkpoint(which: str, model: Model, out: Path, facts: dict,
         save_model(model, out, extra_files=files)
     else:
         for name, text in files.items():
-            tmp = out / f".{name}.tmp"
-            tmp.write_text(text)
-            tmp.chmod(0o644)
-            tmp.replace(out / name)
+            atomic_write(out / name, lambda f, t=text: f.write(t.encode()))
     return metrics
 
 
