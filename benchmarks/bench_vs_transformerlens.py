@@ -47,14 +47,6 @@ TL_FN = {"resid_pre": "get_act_patch_resid_pre", "z": "get_act_patch_attn_head_o
          "z_by_pos": "get_act_patch_attn_head_out_by_pos"}
 
 
-def _atomic_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # TransformerLens side (runs in the TL venv: torch + transformer_lens only)
 
@@ -112,7 +104,8 @@ def tl_worker(spec_path: str, out_path: str) -> None:
             sec = time.perf_counter() - t
             out[grid] = {"seconds": sec, "patches_run": len(df), "values": vals.tolist()}
             print(f"TL {grid}: {len(df)} patches in {sec:.1f}s", file=sys.stderr, flush=True)
-    _atomic_json(out_path, out)
+    with open(out_path, "w") as f:  # a temporary folder, read only after this process exits
+        json.dump(out, f)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +158,7 @@ def main():
     import numpy as np
     from bench_patching import ioi_task, matmul_rate, needed_flops
 
+    from attrpatch.atomic import atomic_write_json
     from attrpatch.loading import load_model
     from attrpatch.patching import patch
 
@@ -282,7 +276,8 @@ def main():
               f"extrapolated by patch count (each TL patch is one full forward). Effects "
               f"compared on the cells TL ran (batch means). Issue's TL: {ISSUE_TL_S} (s, "
               f"another machine).")
-    _atomic_json(args.out, out)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    atomic_write_json(args.out, out)
     print("wrote", args.out)
 
 
