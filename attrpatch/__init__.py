@@ -2,7 +2,7 @@
 
 from attrpatch.attribution import attribute
 from attrpatch.data import load_task
-from attrpatch.gpt2 import GPT2Config
+from attrpatch.arch import ModelConfig
 from attrpatch.interventions import Interventions, Patch
 from attrpatch.loading import load_model, save_model
 from attrpatch.model import Model
@@ -23,12 +23,12 @@ from attrpatch.validation import (
 
 __all__ = [
     "Diagnostics",
-    "GPT2Config",
     "GRANULARITIES",
     "Interventions",
     "METRICS",
     "MetricReference",
     "Model",
+    "ModelConfig",
     "Patch",
     "PatchResults",
     "Scores",

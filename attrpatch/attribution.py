@@ -122,7 +122,7 @@ def attribute(
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    granularities = check_granularities(granularities, model.config.attn_only)
+    granularities = check_granularities(granularities, model.config)
     task.check_for(model)
     metric_name, metric_fn = resolve_metric(metric, task)
     if metric_name == "kl" and direction == "noise":

@@ -38,7 +38,7 @@ from attrpatch.results import (
     PatchResults,
     Scores,
     available_granularities,
-    needs_mlp,
+    check_granularities,
 )
 from attrpatch.task import METRICS
 
@@ -80,8 +80,9 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL
 
 
-def sites_to_granularities(sites, by_pos: bool = False, attn_only: bool = False) -> list[str]:
-    """TransformerLens short names (or granularity names) -> granularity names, in order."""
+def sites_to_granularities(sites, by_pos: bool = False, cfg=None) -> list[str]:
+    """TransformerLens short names (or granularity names) -> granularity names, in order; with
+    a model config `cfg`, refuse those whose site the model lacks."""
     if isinstance(sites, str):
         sites = [s for s in sites.replace(",", " ").split() if s]
     out: list[str] = []
@@ -95,10 +96,11 @@ def sites_to_granularities(sites, by_pos: bool = False, attn_only: bool = False)
             raise CLIError(f"unknown site {s!r}; choose from {', '.join(SITES)} "
                            f"(or a granularity: {', '.join(GRANULARITIES)})")
     out = list(dict.fromkeys(out))
-    if attn_only:
-        bad = [g for g in out if needs_mlp(g)]
-        if bad:
-            raise CLIError(f"site(s) {', '.join(bad)} need MLPs; this model is attention-only")
+    if cfg is not None:
+        try:
+            check_granularities(out, cfg)
+        except ValueError as e:
+            raise CLIError(str(e)) from e
     return out
 
 
@@ -454,7 +456,7 @@ def cmd_demo(args) -> int:
         task.check_for(model)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(str(e)) from e
-    grans = list(available_granularities(model.config.attn_only, sites_to_granularities(DEMO_SITES)))
+    grans = list(available_granularities(model.config, sites_to_granularities(DEMO_SITES)))
     thresholds = parse_thresholds(args.threshold)
     run = {"command": _command(), "subcommand": "demo", "model": str(model_dir),
            "data": "attrpatch_task.json", "direction": args.direction, "metric": task.metric,
@@ -485,9 +487,9 @@ def cmd_scan(args) -> int:
     model = _load_model(args.model)
     if args.sites is None:  # the defaults, less MLP sites on an attention-only model
         grans = list(available_granularities(
-            model.config.attn_only, sites_to_granularities(DEFAULT_SITES, args.by_pos)))
+            model.config, sites_to_granularities(DEFAULT_SITES, args.by_pos)))
     else:
-        grans = sites_to_granularities(args.sites, args.by_pos, model.config.attn_only)
+        grans = sites_to_granularities(args.sites, args.by_pos, model.config)
     try:
         task = load_task(args.data, model=model, model_dir=args.model, metric=args.metric,
                          prepend_bos=args.prepend_bos)

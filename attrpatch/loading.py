@@ -12,8 +12,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from attrpatch.arch import CONVERTERS
 from attrpatch.atomic import replace_dir, staging_dir
-from attrpatch.model import ARCHITECTURES, Model
+from attrpatch.model import Model
 
 _PICKLED = ("pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
 
@@ -51,28 +52,30 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
-    """All tensors of the given files as float32 numpy arrays (float16/bfloat16 upcast)."""
+    """All tensors of the given files as numpy arrays in their stored dtype (bfloat16 stays
+    bfloat16: the conversion casts one tensor at a time, so no float32 copy of the whole model)."""
     tensors: dict[str, np.ndarray] = {}
     for file in files:
-        with safe_open(str(file), framework="flax") as f:
+        with safe_open(str(file), framework="numpy") as f:
             for key in f.keys():
                 if key in tensors:
                     raise ValueError(f"tensor {key!r} appears in more than one shard ({file.name})")
-                tensors[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+                tensors[key] = f.get_tensor(key)
     return tensors
 
 
 def load_model(path: str | os.PathLike, dtype=jnp.float32) -> Model:
-    """Load a Hugging Face checkpoint directory.
+    """Load a Hugging Face checkpoint directory of any supported family (`model_type` in
+    `config.json`: see :data:`attrpatch.arch.CONVERTERS`).
 
     **Arguments:**
 
     - `path`: a directory with `config.json` and `model.safetensors`, or sharded
       `model-*.safetensors` with `model.safetensors.index.json`. Tensors may be stored as
-      float32, float16 or bfloat16; keys with or without the ``transformer.`` prefix.
+      float32, float16 or bfloat16 (GPT-2: keys with or without the ``transformer.`` prefix).
     - `dtype`: the dtype to compute in (float32 by default). bfloat16 halves memory; LayerNorm,
-      attention logits and logits still accumulate in float32, and logits differ from float32
-      by under 5% of their largest magnitude (measured: 0.7% on `models/ioi-gpt2-4l`).
+      norms, attention logits and logits still accumulate in float32, and logits differ from
+      float32 by under 5% of their largest magnitude (measured: 0.7% on `models/ioi-gpt2-4l`).
 
     **Returns:** a :class:`attrpatch.Model`.
     """
@@ -83,16 +86,16 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32) -> Model:
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no config.json")
     raw = json.loads(config_file.read_text())
-    model_type = raw.get("model_type")
-    if model_type not in ARCHITECTURES:
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in CONVERTERS:
         raise ValueError(
             f"{config_file}: model_type={model_type!r} is not supported; "
-            f"supported: {', '.join(ARCHITECTURES)}"
+            f"supported: {', '.join(CONVERTERS)}"
         )
-    arch = ARCHITECTURES[model_type]
-    config = arch.config_from_hf(raw)
+    convert = CONVERTERS[model_type]
+    config = convert.config_from_hf(raw)
     tensors = read_safetensors(_weight_files(path))
-    return Model(config, arch.params_from_hf(tensors, config, dtype))
+    return Model(config, convert.params_from_hf(tensors, config, dtype))
 
 
 def save_model(model: Model, path: str | os.PathLike, extra_files: dict[str, str] | None = None):
@@ -101,11 +104,12 @@ def save_model(model: Model, path: str | os.PathLike, extra_files: dict[str, str
     The directory is assembled next to `path` and moved into place, so a failure leaves no
     half-written checkpoint. `extra_files` maps file names to text (a model card, say).
     """
-    arch = ARCHITECTURES[model.config.architecture]
+    convert = CONVERTERS[model.config.architecture]
     staging = staging_dir(path)
     try:
-        (staging / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
-        save_file(arch.params_to_hf(model.params, model.config),
+        config = convert.config_to_hf(model.config)
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(convert.params_to_hf(model.params, model.config),
                   str(staging / "model.safetensors"), metadata={"format": "pt"})
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)

@@ -10,18 +10,16 @@ import jax
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from attrpatch import gpt2
+from attrpatch.arch import transformer
+from attrpatch.arch.config import ModelConfig
 from attrpatch.interventions import NO_INTERVENTIONS, Interventions
 from attrpatch.sites import all_site_names, parse_site_name
-
-# architecture name -> module with `forward`, `config_from_hf`, `params_from_hf`, `params_to_hf`.
-ARCHITECTURES = {"gpt2": gpt2}
 
 
 @partial(jax.jit, static_argnames=("cfg", "cache_keys", "remat"))
 def _forward(params, cfg, tokens, attention_mask, interventions, cache_keys, logit_positions,
              remat=False):
-    return ARCHITECTURES[cfg.architecture].forward(
+    return transformer.forward(
         params, cfg, tokens, attention_mask, interventions, cache_keys, logit_positions, remat
     )
 
@@ -32,13 +30,13 @@ class Model(eqx.Module):
     Compiles once per input shape and set of requested sites.
     """
 
-    config: gpt2.GPT2Config = eqx.field(static=True)
+    config: ModelConfig = eqx.field(static=True)
     params: dict
 
     @property
     def site_names(self) -> list[str]:
         """Every hook name this model has, in forward order."""
-        return all_site_names(self.config.n_layers, self.config.attn_only)
+        return all_site_names(self.config)
 
     def check_tokens(self, tokens, attention_mask=None) -> None:
         """Raise a clear `ValueError` for tokens the model cannot take."""
@@ -72,7 +70,7 @@ class Model(eqx.Module):
         logit_positions: Int[Array, " batch"] | None = None,
         remat: bool = False,
     ) -> tuple[Array, dict[str, Array]]:
-        """The raw forward (see `attrpatch.gpt2.forward`); traceable, for the engines."""
+        """The raw forward (see `attrpatch.arch.transformer.forward`); traceable, for the engines."""
         return _forward(
             self.params, self.config, tokens, attention_mask, interventions, tuple(cache_keys),
             logit_positions, remat,
@@ -106,7 +104,7 @@ class Model(eqx.Module):
         """
         self.check_tokens(tokens, attention_mask)
         names = self.site_names if names is None else list(names)
-        parsed = [parse_site_name(n, self.config.n_layers, self.config.attn_only) for n in names]
+        parsed = [parse_site_name(n, self.config) for n in names]
         keys = tuple(sorted({key for _, key in parsed}))
         logits, raw = self.run(tokens, attention_mask, interventions, keys)
         cache = {

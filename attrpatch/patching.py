@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from attrpatch import gpt2
+from attrpatch.arch import transformer as T
 from attrpatch.atomic import atomic_write
 from attrpatch.interventions import NO_INTERVENTIONS, Interventions, Patch
 from attrpatch.results import (
@@ -62,7 +62,7 @@ _PATTERN = "attn.hook_pattern"
 # in the base run, so the patched layer takes the cached z (its queries, keys and values are
 # then dead code, which XLA drops).
 _AFTER_ATTENTION = ("attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_pre",
-                    "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+                    "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
 # Sites that change only their own row: patching one position of one of these in layer l
 # leaves every other position of layer l as in the base run.
 _ROW_LOCAL = ("attn.hook_q", *_AFTER_ATTENTION)
@@ -77,12 +77,12 @@ __all__ = ["ABLATIONS", "SOURCES", "gaussian_noise_corruption", "patch", "resamp
 # Components: which variants a granularity has in one layer
 
 
-def _components(gran: str, n_pos: int, n_heads: int, neurons: Sequence[int]):
+def _components(gran: str, n_pos: int, cfg, neurons: Sequence[int]):
     """Components of one layer: grid index ``[C, k]``, variant index ``[C, 4]``
     (pos, head, neuron, key_pos) and causal position ``[C]`` (-1: all positions)."""
     axes = GRANULARITIES[gran][1][1:]
     sizes = {"pos": range(n_pos), "query_pos": range(n_pos), "key_pos": range(n_pos),
-             "head": range(n_heads), "neuron": neurons}
+             "head": range(cfg.heads_of(GRANULARITIES[gran][0])), "neuron": neurons}
     grids = np.stack(np.meshgrid(*[np.asarray(sizes[a]) for a in axes], indexing="ij"), -1)
     grids = grids.reshape(-1, len(axes)).astype(np.int32)
     idx = np.zeros((len(grids), 4), np.int32)
@@ -105,7 +105,7 @@ def _row_mask(gran: str, ix, pos, cfg) -> jax.Array:
     key, axes = GRANULARITIES[gran]
     hit = (pos == ix[0]) if "pos" in axes else jnp.bool_(True)
     if key in _HEAD_SITES:
-        return hit & (jnp.arange(cfg.n_heads) == ix[1])[:, None]
+        return hit & (jnp.arange(cfg.heads_of(key)) == ix[1])[:, None]
     if "neuron" in axes:
         return hit & (jnp.arange(cfg.d_mlp) == ix[2])
     return hit[None]
@@ -203,7 +203,8 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
     - `cols`: ``[batch, k]`` the only logit columns the metric reads (None: all).
     """
     blocks = params["blocks"]
-    scales = gpt2.attention_scales(cfg)
+    consts = T.layer_constants(cfg)
+    resid_key, k_key, v_key, z_key = _engine_keys(cfg)
     key = GRANULARITIES[gran][0]
     idx, flat = chunk.idx, chunk.flat
     V, B, n = idx.shape[0], keep.shape[0], keep.shape[-1]
@@ -211,7 +212,6 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
     dummy = runs * n
     row_run, row_pos = jnp.minimum(flat, dummy - 1) // n, flat % n  # (padding rows: any real one)
     row_prompt, row_slot = row_run % B, row_run // B
-    keep_runs = jnp.broadcast_to(keep[None], (V, *keep.shape)).reshape(runs, 1, n, n)
     source = jnp.broadcast_to(source, (B, *source.shape[1:]))
 
     def at(tree, j):
@@ -220,9 +220,16 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
     def with_dummy(x):  # one extra row, for padding indices to read from or write to
         return jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
 
+    def layer_keep(j):
+        """`keep` with layer `j`'s sliding window: ``[B, 1, pos, pos]``."""
+        ar = jnp.arange(n)[None]
+        return keep & T.keep_mask(ar, ar, consts["window"][j])
+
+    def keep_runs(j):
+        return jnp.broadcast_to(layer_keep(j)[None], (V, *keep.shape)).reshape(runs, 1, n, n)
+
     own = (chunk.layout_row < R)[:, None, None]
     answer_pos = with_dummy(flat)[chunk.answer_row] % n  # [runs] (runs without rows: 0)
-    answer_keep = keep_runs[jnp.arange(runs), :, answer_pos][:, :, None]  # [runs, 1, 1, pos]
 
     def runs_layout(base_j, rows):
         """Base values ``[B, pos, ...]`` -> ``[runs, pos, ...]`` with packed `rows` ``[R, ...]``
@@ -232,38 +239,42 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
         return jnp.where(own, mine, full).reshape(runs, n, *base_j.shape[2:])
 
     def attention(j, kv_rows=None):
-        """`attend` for `gpt2.block`: queries, keys and values at every packed row; or, given
+        """`attend` for `T.block`: queries, keys and values at every packed row; or, given
         `kv_rows` (``(k, v)`` at every packed row), one query per run (its answer row)."""
         def attend(q, k, v, hook):
-            base_k, base_v = at(base["attn.hook_k"], j), at(base["attn.hook_v"], j)
+            base_k, base_v = at(base[k_key], j), at(base[v_key], j)
+            scale = consts["scale"][j]
             if kv_rows is not None:
                 k, v = kv_rows
-                return gpt2.causal_attention(q, runs_layout(base_k, k[:, 0]),
-                                             runs_layout(base_v, v[:, 0]), answer_keep, scales[j], hook)
-            z = gpt2.causal_attention(runs_layout(jnp.zeros_like(base_k), q[:, 0]),
-                                      runs_layout(base_k, k[:, 0]), runs_layout(base_v, v[:, 0]),
-                                      keep_runs, scales[j], hook)  # [runs, pos, head, d_head]
+                answer_keep = keep_runs(j)[jnp.arange(runs), :, answer_pos][:, :, None]  # [runs, 1, 1, pos]
+                return T.mix(q, runs_layout(base_k, k[:, 0]), runs_layout(base_v, v[:, 0]), answer_keep,
+                             scale, cfg, hook)
+            z = T.mix(runs_layout(jnp.zeros_like(at(base[z_key], j)), q[:, 0]),
+                      runs_layout(base_k, k[:, 0]), runs_layout(base_v, v[:, 0]),
+                      keep_runs(j), scale, cfg, hook)  # [runs, pos, head, d_head]
             return with_dummy(z.reshape(dummy, *z.shape[2:]))[flat][:, None]
         return attend
 
-    def run_block(j, x, iv=NO_INTERVENTIONS, attend=None):
-        """Block `j` on rows ``x [rows, d_model]`` (default attention: every packed row)."""
-        out, _ = gpt2.block(at(blocks, j), cfg, x[:, None], None, scales[j], iv,
-                            attend or attention(j))
+    def run_block(j, x, pos, iv=NO_INTERVENTIONS, attend=None):
+        """Block `j` on rows ``x [rows, d_model]`` at positions `pos` ``[rows]`` (default
+        attention: every packed row)."""
+        out, _ = T.block(at(blocks, j), cfg, x[:, None], pos[:, None], iv, attend or attention(j))
         return out[:, 0]
 
     def rest(x):
         """Packed rows after `layer` -> answer-row outputs of the last block ``[runs, d_model]``."""
-        x = lax.fori_loop(layer + 1, last, lambda j, x: run_block(j, x), x)
-        _, k, v = gpt2.qkv(at(blocks, last), cfg, x[:, None])  # every row's keys and values...
-        return run_block(last, with_dummy(x)[chunk.answer_row], attend=attention(last, (k, v)))
+        x = lax.fori_loop(layer + 1, last, lambda j, x: run_block(j, x, row_pos), x)
+        _, k, v = T.attention_inputs(at(blocks, last), cfg, x[:, None], row_pos[:, None],
+                                     lambda name, a: a)  # every row's keys and values...
+        return run_block(last, with_dummy(x)[chunk.answer_row], answer_pos,
+                         attend=attention(last, (k, v)))
 
     def cached_z(prompt, pos):
         """`attend` giving the base run's z of `layer` at rows (`prompt`, `pos`)."""
-        z = at(base["attn.hook_z"], layer)[prompt, pos][:, None]
+        z = at(base[z_key], layer)[prompt, pos][:, None]
         return lambda q, k, v, hook: z
 
-    resid = lax.dynamic_index_in_dim(base["hook_resid_pre"], layer, keepdims=False)  # [B, pos, d]
+    resid = lax.dynamic_index_in_dim(base[resid_key], layer, keepdims=False)  # [B, pos, d]
     if row_local:
         run_pos = jnp.repeat(idx[:, 0], B)  # [runs]
         run_prompt = jnp.tile(jnp.arange(B), V)
@@ -275,16 +286,16 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
             base run's keys and values (a query patch leaves this layer's as they were): each
             prompt is a batch row whose V query rows are its runs' patched positions."""
             qs = q[:, 0].reshape(V, B, *q.shape[2:]).swapaxes(0, 1)  # [B, V, head, d_head]
-            row_keep = keep[jnp.arange(B)[:, None], 0, idx[None, :, 0]][:, None]  # [B, 1, V, pos]
-            z = gpt2.causal_attention(qs, at(base["attn.hook_k"], layer), at(base["attn.hook_v"], layer),
-                                      row_keep, scales[layer], hook)
+            row_keep = layer_keep(layer)[jnp.arange(B)[:, None], 0, idx[None, :, 0]][:, None]  # [B, 1, V, pos]
+            z = T.mix(qs, at(base[k_key], layer), at(base[v_key], layer), row_keep,
+                      consts["scale"][layer], cfg, hook)
             return z.swapaxes(0, 1).reshape(runs, 1, *z.shape[2:])
 
         attend = cached_z(run_prompt, run_pos) if key in _AFTER_ATTENTION else base_attention
-        patched = run_block(layer, resid[run_prompt, run_pos], iv, attend)  # [runs, d]
+        patched = run_block(layer, resid[run_prompt, run_pos], run_pos, iv, attend)  # [runs, d]
 
         def onward(patched):
-            nxt = lax.dynamic_index_in_dim(base["hook_resid_pre"], jnp.minimum(layer + 1, last),
+            nxt = lax.dynamic_index_in_dim(base[resid_key], jnp.minimum(layer + 1, last),
                                            keepdims=False)
             x = with_dummy(nxt[row_prompt, row_pos]).at[chunk.first_row].set(patched)[:-1]
             return rest(x)
@@ -299,19 +310,12 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
             masks = jax.vmap(lambda ix, p: _row_mask(gran, ix, p, cfg))(idx[row_slot], row_pos)[:, None]
             src = source[row_prompt, row_pos][:, None]
         attend = cached_z(row_prompt, row_pos) if key in _AFTER_ATTENTION else None
-        x = run_block(layer, resid[row_prompt, row_pos], Interventions(patch={key: Patch(masks, src)}),
-                      attend)
+        x = run_block(layer, resid[row_prompt, row_pos], row_pos,
+                      Interventions(patch={key: Patch(masks, src)}), attend)
         final = lax.cond(layer < last, rest, lambda x: with_dummy(x)[chunk.answer_row], x)
 
     def answer_metric(x):  # [B, d] -> [B]
-        normed = gpt2.layer_norm(x, params["ln_f_w"], params["ln_f_b"], cfg.layer_norm_eps)
-        dt = jnp.promote_types(normed.dtype, jnp.float32)  # as in `gpt2.forward`
-        if cols is None:
-            logits = normed.astype(dt) @ params["W_U"].astype(dt)
-        else:  # only the columns the metric reads; the others are never looked at
-            sel = jnp.einsum("bd,dbk->bk", normed.astype(dt), params["W_U"].astype(dt)[:, cols])
-            logits = jnp.zeros((B, params["W_U"].shape[1]), dt).at[
-                jnp.arange(B)[:, None], cols].set(sel)
+        logits = T.unembed(params, cfg, T.final_norm(params, cfg, x), cols)
         return metric_fn(logits, task, reference)
 
     return jax.vmap(answer_metric)(final.reshape(V, B, -1))
@@ -439,7 +443,7 @@ def _check_components(components, grans, cfg, n_pos: int) -> dict[str, dict[int,
     for g, indices in components.items():
         if g not in grans:
             raise ValueError(f"components for {g!r}, which is not among the granularities {list(grans)}")
-        shape = grid_shape(g, cfg.n_layers, n_pos, cfg.n_heads, cfg.d_mlp)
+        shape = grid_shape(g, cfg, n_pos)
         axes = GRANULARITIES[g][1]
         by_layer: dict[int, set[tuple]] = {}
         for index in indices:
@@ -452,6 +456,13 @@ def _check_components(components, grans, cfg, n_pos: int) -> dict[str, dict[int,
             raise ValueError(f"components[{g!r}] is empty")
         out[g] = by_layer
     return out
+
+
+def _engine_keys(cfg) -> tuple[str, ...]:
+    """Base-run sites the engine restarts from: each layer's input, the keys and values attention
+    mixing reads (after rotary, in rotary models) and the head outputs z."""
+    k = "attn.hook_rot_k" if cfg.positions == "rotary" else "attn.hook_k"
+    return ("hook_resid_pre", k, "attn.hook_v", "attn.hook_z")
 
 
 def _row_local(gran: str) -> bool:
@@ -526,7 +537,7 @@ def patch(
     t_start = time.perf_counter()
     cfg = model.config
     task.check_for(model)
-    grans = check_granularities(granularities, cfg.attn_only)
+    grans = check_granularities(granularities, cfg)
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
     ablation = source in ABLATIONS
@@ -564,7 +575,7 @@ def patch(
 
     # Unpatched runs: clean, corrupted, and the caches the engine needs.
     keys = sorted({GRANULARITIES[g][0] for g in grans})
-    base_keys = tuple(sorted({"hook_resid_pre", "attn.hook_k", "attn.hook_v", "attn.hook_z", *keys}))
+    base_keys = tuple(sorted({*_engine_keys(cfg), *keys}))
     am, ans = task.attention_mask, task.answer_positions
     clean_logits, clean_cache = model.run(task.clean_tokens, am, NO_INTERVENTIONS, base_keys, ans)
     if corrupt_interventions is not None:
@@ -592,8 +603,9 @@ def patch(
         cols = jnp.concatenate([jnp.asarray(task.correct_tokens).reshape(task.batch, -1),
                                 jnp.asarray(task.incorrect_tokens).reshape(task.batch, -1)], axis=1)
     n_pos, L = task.n_pos, cfg.n_layers
-    keep_full = gpt2.attention_bias(am, n_pos, task.batch)
-    out = {g: np.full((task.batch, *grid_shape(g, L, n_pos, cfg.n_heads, cfg.d_mlp)), np.nan)
+    positions = np.broadcast_to(np.arange(n_pos), (task.batch, n_pos))
+    keep_full = T.keep_mask(positions, positions, n_pos + 1, None if am is None else jnp.asarray(am) > 0)
+    out = {g: np.full((task.batch, *grid_shape(g, cfg, n_pos)), np.nan)
            for g in grans}
 
     # Plan: per (granularity, layer) the components, which are inert, and the packed chunks.
@@ -607,12 +619,12 @@ def patch(
         base_np, src_np = np.asarray(base_cache[key]), np.asarray(src_cache[key])
         for layer in g_layers:
             if g in wanted:  # only the listed components (their neurons, for neuron grids)
-                grids, idx, cpos = _components(g, n_pos, cfg.n_heads,
+                grids, idx, cpos = _components(g, n_pos, cfg,
                                                sorted({c[-1] for c in wanted[g][layer]}))
                 keep = np.array([tuple(row) in wanted[g][layer] for row in grids.tolist()], bool)
                 grids, idx, cpos = grids[keep], idx[keep], cpos[keep]
             else:
-                grids, idx, cpos = _components(g, n_pos, cfg.n_heads, layer_neurons.get(layer, ()))
+                grids, idx, cpos = _components(g, n_pos, cfg, layer_neurons.get(layer, ()))
             inert = np.where(
                 (cpos >= 0)[:, None],
                 (cpos[:, None] < first_diff[None]) | (cpos[:, None] > ans_np[None]),
@@ -718,7 +730,7 @@ def _run_layer(model, task, reference, metric_fn, gran, layer, chunks, base_cach
     """Run one layer's chunks of `gran` (all dispatched before any is read): the components run
     ``[n]`` and their metric ``[n, batch]``."""
     key = GRANULARITIES[gran][0]
-    base = {k: base_cache[k] for k in ("hook_resid_pre", "attn.hook_k", "attn.hook_v", "attn.hook_z")}
+    base = {k: base_cache[k] for k in _engine_keys(model.config)}
     pending = [
         _chunk_metrics(model.params, jnp.int32(layer), base, src_cache[key][layer], keep,
                        jax.tree.map(jnp.asarray, rows), task, reference, cols, cfg=model.config,

@@ -6,7 +6,7 @@ an exact effect for the same granularity have the same shape and line up one to 
 | granularity | site | axes | one component is |
 | --- | --- | --- | --- |
 | ``resid_pre/mid/post``, ``attn_out``, ``mlp_out`` | ``hook_<name>`` | ``layer pos`` | one position |
-| ``z``, ``q``, ``k``, ``v`` | ``attn.hook_<name>`` | ``layer head`` | one head at every position |
+| ``z``, ``q``, ``k``, ``v`` | ``attn.hook_<name>`` | ``layer head`` | one head at every position (k, v: one kv head) |
 | ``z_by_pos``, ``q_by_pos``, ... | ``attn.hook_<name>`` | ``layer pos head`` | one head at one position |
 | ``pattern`` | ``attn.hook_pattern`` | ``layer head`` | one head's whole pattern |
 | ``pattern_by_query`` | ``attn.hook_pattern`` | ``layer head query_pos`` | one row of a pattern |
@@ -25,7 +25,7 @@ import dataclasses
 
 import numpy as np
 
-from attrpatch.sites import MLP_SITES, site_axes
+from attrpatch.sites import block_keys, site_axes
 
 # granularity -> (site key, axes)
 GRANULARITIES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -67,23 +67,18 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 DEFAULT_GRANULARITIES = ("resid_pre", "attn_out", "mlp_out", "z")
 
 
-def needs_mlp(granularity: str) -> bool:
-    return GRANULARITIES[granularity][0] in MLP_SITES
-
-
-def available_granularities(attn_only: bool, names=None) -> tuple[str, ...]:
-    """`names` (default: every granularity) less those an attention-only model lacks."""
+def available_granularities(cfg, names=None) -> tuple[str, ...]:
+    """`names` (default: every granularity) less those whose site a model with config `cfg`
+    lacks (MLP grids of attention-only models, ``resid_mid`` of parallel blocks)."""
     names = GRANULARITIES if names is None else names
-    return tuple(g for g in names if not (attn_only and needs_mlp(g)))
+    return tuple(g for g in names if GRANULARITIES[g][0] in block_keys(cfg))
 
 
-def check_granularities(names, attn_only: bool = False) -> tuple[str, ...]:
-    """Validate granularity names (None: the defaults); clear error naming the bad one.
-
-    Returns the names as a tuple, duplicates dropped, order kept.
-    """
+def check_granularities(names, cfg) -> tuple[str, ...]:
+    """Validate granularity names for a model with config `cfg` (None: the defaults it has);
+    clear error naming the bad one. Returns the names as a tuple, duplicates dropped, order kept."""
     if names is None:
-        names = available_granularities(attn_only, DEFAULT_GRANULARITIES)
+        names = available_granularities(cfg, DEFAULT_GRANULARITIES)
     names = (names,) if isinstance(names, str) else tuple(dict.fromkeys(names))
     if not names:
         raise ValueError("the granularity list is empty; name at least one of " + ", ".join(GRANULARITIES))
@@ -92,8 +87,11 @@ def check_granularities(names, attn_only: bool = False) -> tuple[str, ...]:
             raise ValueError(
                 f"unknown granularity {name!r}; choose from {', '.join(GRANULARITIES)}"
             )
-        if attn_only and needs_mlp(name):
-            raise ValueError(f"granularity {name!r} needs MLPs; this model is attention-only")
+        if name not in available_granularities(cfg, (name,)):
+            why = ("this model is attention-only" if cfg.attn_only
+                   else "its attention and MLP run in parallel, so there is no resid_mid")
+            raise ValueError(f"granularity {name!r} needs site {GRANULARITIES[name][0]!r}, which "
+                             f"this {cfg.architecture} model lacks: {why}")
     return names
 
 
@@ -108,10 +106,12 @@ def reduce_to_grid(x, key: str, granularity: str):
     return x.sum(summed).swapaxes(0, 1)
 
 
-def grid_shape(name: str, n_layers: int, n_pos: int, n_heads: int, d_mlp: int) -> tuple[int, ...]:
-    """Shape of granularity `name`'s grid for a model and prompt length."""
-    sizes = {"layer": n_layers, "pos": n_pos, "query_pos": n_pos, "key_pos": n_pos,
-             "head": n_heads, "neuron": d_mlp}
+def grid_shape(name: str, cfg, n_pos: int) -> tuple[int, ...]:
+    """Shape of granularity `name`'s grid for a model config and prompt length (the ``head``
+    axis of ``k``/``v`` grids counts kv heads)."""
+    key = GRANULARITIES[name][0]
+    sizes = {"layer": cfg.n_layers, "pos": n_pos, "query_pos": n_pos, "key_pos": n_pos,
+             "head": cfg.heads_of(key), "neuron": cfg.d_mlp}
     return tuple(sizes[a] for a in GRANULARITIES[name][1])
 
 

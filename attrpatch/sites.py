@@ -2,7 +2,13 @@
 
 Names follow TransformerLens hook names. Axis letters: ``batch`` prompts, ``pos`` token position,
 ``head`` attention head, ``d_head`` per-head feature, ``query_pos``/``key_pos`` attention axes,
-``d_model`` residual width, ``d_mlp`` MLP width, ``d_vocab`` vocabulary.
+``kv_head`` key/value head (grouped-query attention: fewer than ``head``), ``d_model`` residual
+width, ``d_mlp`` MLP width, ``d_vocab`` vocabulary.
+
+Which sites a model has follows from its config (:func:`block_keys`): rotary models add
+``attn.hook_rot_q`` / ``attn.hook_rot_k`` and have no ``hook_pos_embed``; parallel blocks
+(GPT-NeoX) have no ``hook_resid_mid``; gated MLPs add ``mlp.hook_pre_linear``; attention-only
+models have no MLP sites.
 """
 
 from __future__ import annotations
@@ -12,29 +18,36 @@ import re
 # key (without the "blocks.{l}." prefix) -> (shape, meaning). Block sites first, in forward order.
 BLOCK_SITE_TABLE: dict[str, tuple[str, str]] = {
     "hook_resid_pre": ("batch pos d_model", "residual stream entering the block"),
-    "attn.hook_q": ("batch pos head d_head", "queries, after the bias"),
-    "attn.hook_k": ("batch pos head d_head", "keys, after the bias"),
-    "attn.hook_v": ("batch pos head d_head", "values, after the bias"),
+    "attn.hook_q": ("batch pos head d_head", "queries, after the bias (before rotary)"),
+    "attn.hook_k": ("batch pos kv_head d_head", "keys, after the bias (before rotary)"),
+    "attn.hook_v": ("batch pos kv_head d_head", "values, after the bias"),
+    "attn.hook_rot_q": ("batch pos head d_head", "queries after rotary (rotary models)"),
+    "attn.hook_rot_k": ("batch pos kv_head d_head", "keys after rotary (rotary models)"),
     "attn.hook_attn_scores": (
         "batch head query_pos key_pos",
-        "scaled, causally masked attention logits (masked entries at the dtype's minimum)",
+        "scaled (and soft-capped) attention logits, causal and window masks applied (masked "
+        "entries at the dtype's minimum)",
     ),
     "attn.hook_pattern": ("batch head query_pos key_pos", "attention probabilities"),
     "attn.hook_z": ("batch pos head d_head", "per-head mix of values (the head's output before W_O)"),
-    "hook_attn_out": ("batch pos d_model", "attention layer output, biases included"),
-    "hook_resid_mid": ("batch pos d_model", "residual stream after attention"),
-    "mlp.hook_pre": ("batch pos d_mlp", "MLP neuron pre-activations"),
-    "mlp.hook_post": ("batch pos d_mlp", "MLP neuron activations"),
-    "hook_mlp_out": ("batch pos d_model", "MLP output, bias included"),
+    "hook_attn_out": ("batch pos d_model",
+                      "attention layer output as it enters the residual stream (bias, post-norm included)"),
+    "hook_resid_mid": ("batch pos d_model", "residual stream after attention (sequential blocks)"),
+    "mlp.hook_pre": ("batch pos d_mlp", "MLP neuron pre-activations (the gate, in gated MLPs)"),
+    "mlp.hook_pre_linear": ("batch pos d_mlp", "gated MLPs: the up projection the activation multiplies"),
+    "mlp.hook_post": ("batch pos d_mlp", "MLP neuron activations (act(gate) * up, in gated MLPs)"),
+    "hook_mlp_out": ("batch pos d_model",
+                     "MLP output as it enters the residual stream (bias, post-norm included)"),
     "hook_resid_post": ("batch pos d_model", "residual stream leaving the block"),
 }
 GLOBAL_SITE_TABLE: dict[str, tuple[str, str]] = {
     "hook_embed": ("batch pos d_model", "token embedding"),
-    "hook_pos_embed": ("batch pos d_model", "position embedding"),
-    "ln_final.hook_normalized": ("batch pos d_model", "final LayerNorm output, before unembedding"),
+    "hook_pos_embed": ("batch pos d_model", "position embedding (learned positions only)"),
+    "ln_final.hook_normalized": ("batch pos d_model", "final norm output, before unembedding"),
 }
 # Sites that exist only in models with MLPs.
-MLP_SITES = frozenset({"hook_resid_mid", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out"})
+MLP_SITES = frozenset({"hook_resid_mid", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
+                       "hook_mlp_out"})
 
 # TransformerLens short names (`transformer_lens.utils.get_act_name`) -> block key.
 SHORT_NAMES: dict[str, str] = {
@@ -50,6 +63,7 @@ SHORT_NAMES: dict[str, str] = {
     "attn_scores": "attn.hook_attn_scores",
     "pattern": "attn.hook_pattern",
     "pre": "mlp.hook_pre",
+    "pre_linear": "mlp.hook_pre_linear",
     "post": "mlp.hook_post",
 }
 
@@ -57,44 +71,65 @@ _BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 def site_axes(key: str) -> tuple[str, ...]:
-    """Axis names of a block site (from the table), ``d_mlp`` spelled ``neuron``.
+    """Axis names of a block site (from the table), ``d_mlp`` spelled ``neuron`` and ``kv_head``
+    spelled ``head`` (a key/value site's heads are its kv heads: `ModelConfig.heads_of`).
 
     E.g. ``site_axes("mlp.hook_post") == ("batch", "pos", "neuron")``.
     """
-    shape = BLOCK_SITE_TABLE[key][0].split()
-    return tuple("neuron" if a == "d_mlp" else a for a in shape)
+    names = {"d_mlp": "neuron", "kv_head": "head"}
+    return tuple(names.get(a, a) for a in BLOCK_SITE_TABLE[key][0].split())
 
 
-def block_keys(attn_only: bool) -> tuple[str, ...]:
-    """The block site keys a model has, in forward order."""
-    return tuple(k for k in BLOCK_SITE_TABLE if not (attn_only and k in MLP_SITES))
+def block_keys(cfg) -> tuple[str, ...]:
+    """The block site keys a model with config `cfg` has, in forward order."""
+
+    def has(key: str) -> bool:
+        if key in MLP_SITES and cfg.attn_only:
+            return False
+        if key in ("attn.hook_rot_q", "attn.hook_rot_k"):
+            return cfg.positions == "rotary"
+        if key == "hook_resid_mid":
+            return cfg.has_resid_mid
+        if key == "mlp.hook_pre_linear":
+            return cfg.gated_mlp
+        return True
+
+    return tuple(k for k in BLOCK_SITE_TABLE if has(k))
 
 
-def all_site_names(n_layers: int, attn_only: bool = False) -> list[str]:
+def global_keys(cfg) -> tuple[str, ...]:
+    """The global (layer-less) site keys of a model, in forward order."""
+    return tuple(k for k in GLOBAL_SITE_TABLE if not (k == "hook_pos_embed" and cfg.positions != "learned"))
+
+
+def all_site_names(cfg) -> list[str]:
     """Every full hook name of a model, in forward order."""
-    names = ["hook_embed", "hook_pos_embed"]
-    for layer in range(n_layers):
-        names += [f"blocks.{layer}.{k}" for k in block_keys(attn_only)]
-    return names + ["ln_final.hook_normalized"]
+    first, last = global_keys(cfg)[:-1], global_keys(cfg)[-1]
+    names = list(first)
+    for layer in range(cfg.n_layers):
+        names += [f"blocks.{layer}.{k}" for k in block_keys(cfg)]
+    return names + [last]
 
 
-def parse_site_name(name: str, n_layers: int, attn_only: bool = False) -> tuple[int | None, str]:
-    """Split a full hook name into (layer or None for global sites, key); clear error if unknown."""
+def parse_site_name(name: str, cfg) -> tuple[int | None, str]:
+    """Split a full hook name into (layer or None for global sites, key); clear error if the
+    model has no such site."""
     m = _BLOCK_NAME.match(name)
     if m:
         layer, key = int(m.group(1)), m.group(2)
-        if key not in block_keys(attn_only):
+        if key not in block_keys(cfg):
             raise ValueError(
-                f"unknown site {name!r}: a block has {', '.join(block_keys(attn_only))}"
+                f"unknown site {name!r}: a block of this {cfg.architecture} model has "
+                f"{', '.join(block_keys(cfg))}"
             )
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"site {name!r} names layer {layer}, but the model has {n_layers}")
+        if not 0 <= layer < cfg.n_layers:
+            raise ValueError(f"site {name!r} names layer {layer}, but the model has {cfg.n_layers}")
         return layer, key
-    if name in GLOBAL_SITE_TABLE:
+    if name in global_keys(cfg):
         return None, name
     raise ValueError(
         f"unknown site {name!r}: expected 'blocks.<layer>.<hook>' (e.g. 'blocks.0.hook_resid_pre') "
-        f"or one of {', '.join(GLOBAL_SITE_TABLE)}"
+        f"or one of {', '.join(global_keys(cfg))}"
     )
 
 

@@ -30,7 +30,8 @@ import optax
 from attrpatch import tasks
 from attrpatch.atomic import atomic_write
 from attrpatch.attribution import attribute
-from attrpatch.gpt2 import GPT2Config, init_params
+from attrpatch.arch.config import ModelConfig
+from attrpatch.arch.transformer import init_params
 from attrpatch.interventions import Interventions
 from attrpatch.loading import load_model, save_model
 from attrpatch.model import Model, _forward
@@ -44,7 +45,7 @@ from attrpatch.validation import Thresholds, Validation, diagnose, family_of, va
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def weighted_loss(params, cfg: GPT2Config, tokens, targets, weights):
+def weighted_loss(params, cfg: ModelConfig, tokens, targets, weights):
     """Weighted mean next-token cross-entropy (weights ``[batch, pos]``, summing to the divisor)."""
     logits = _forward(params, cfg, tokens, None, Interventions(), (), None)[0]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
@@ -52,7 +53,7 @@ def weighted_loss(params, cfg: GPT2Config, tokens, targets, weights):
 
 
 def train(
-    cfg: GPT2Config,
+    cfg: ModelConfig,
     batches: Callable[[np.random.Generator], Batch],
     steps: int,
     lr: float = 1e-3,
@@ -212,8 +213,11 @@ def head_direct_logits(model: Model, task: Task) -> tuple[np.ndarray, np.ndarray
     z = np.asarray(cache["attn.hook_z"])[:, b, pos]  # [L, B, H, dh]
     out = np.einsum("lbhe,lhed->lbhd", z, np.asarray(p["blocks"]["W_O"]))
     final = np.asarray(cache["hook_resid_post"])[-1, b, pos]  # [B, d]
-    scale = np.sqrt(final.var(-1) + cfg.layer_norm_eps)  # [B]
-    out = (out - out.mean(-1, keepdims=True)) / scale[None, :, None, None] * np.asarray(p["ln_f_w"])
+    if cfg.norm == "layernorm":  # the final norm is linear once its scale is frozen
+        final = final - final.mean(-1, keepdims=True)
+        out = out - out.mean(-1, keepdims=True)
+    scale = np.sqrt(np.square(final).mean(-1) + cfg.norm_eps)  # [B]
+    out = out / scale[None, :, None, None] * np.asarray(p["ln_f_w"])
     W_U = np.asarray(p["W_U"])
 
     def to(tokens):
@@ -268,7 +272,7 @@ DIRECTION_TITLES = {"denoise": "Denoising (clean activations patched into the co
 
 def validation_granularities(model: Model) -> tuple[str, ...]:
     """:data:`VALIDATION_GRANULARITIES` the model has (no ``mlp_out`` when attention-only)."""
-    return available_granularities(model.config.attn_only, VALIDATION_GRANULARITIES)
+    return available_granularities(model.config, VALIDATION_GRANULARITIES)
 
 
 def atp_vs_exact(model: Model, task: Task, direction: str = "denoise",
@@ -365,16 +369,16 @@ def validation_section(runs: dict[str, tuple[PatchResults, PatchResults, Validat
 # evidence computed from the weights. `write_checkpoint` is the one path that writes a card:
 # `build` calls it after training, `card` with a saved checkpoint and its metrics.json.
 
-INDUCTION_CFG = GPT2Config(n_layers=2, d_model=64, n_heads=4, d_mlp=256, n_ctx=48, d_vocab=66,
+INDUCTION_CFG = ModelConfig(n_layers=2, d_model=64, n_heads=4, d_mlp=256, n_ctx=48, d_vocab=66,
                            attn_only=True)
 INDUCTION_RECIPE = dict(steps=3000, lr=1e-3, seed=0, warmup=100, batch=64)
-IOI_CFG = GPT2Config(n_layers=4, d_model=128, n_heads=4, d_mlp=512, n_ctx=16,
+IOI_CFG = ModelConfig(n_layers=4, d_model=128, n_heads=4, d_mlp=512, n_ctx=16,
                      d_vocab=len(tasks.TOY_IOI_WORDS))
 IOI_RECIPE = dict(steps=1200, lr=1e-3, seed=0, warmup=100, batch=64)
 FACTS = ("train_seconds", "final_loss", "recipe")
 
 
-def _induction_task_args(cfg: GPT2Config) -> dict:
+def _induction_task_args(cfg: ModelConfig) -> dict:
     return dict(n_prompts=64, seq_len=10, vocab=list(range(2, cfg.d_vocab)), bos_id=0, seed=0)
 
 
@@ -677,7 +681,7 @@ def write_checkpoint(which: str, model: Model, out: Path, facts: dict,
     return metrics
 
 
-def build(which: str, out: Path, steps: int | None = None, config: GPT2Config | None = None,
+def build(which: str, out: Path, steps: int | None = None, config: ModelConfig | None = None,
           log: Callable[[str], None] | None = print, **recipe) -> dict:
     """Train model `which` ("induction" or "ioi") from scratch, evaluate and save it with its
     card to `out`; `steps`, `config` and `recipe` override the defaults. Returns the metrics."""

@@ -349,7 +349,7 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    granularities = check_granularities(granularities, model.config.attn_only)
+    granularities = check_granularities(granularities, model.config)
     task.check_for(model)
     metric_name, metric_fn = resolve_metric(metric, task)
     keys = tuple(sorted({GRANULARITIES[g][0] for g in granularities} | {"attn.hook_pattern"}))

@@ -22,7 +22,8 @@ import numpy as np
 
 from attrpatch.atomic import atomic_write_json
 from attrpatch.attribution import attribute
-from attrpatch.gpt2 import GPT2Config, init_params
+from attrpatch.arch import ModelConfig
+from attrpatch.arch.transformer import init_params
 from attrpatch.model import Model
 from attrpatch.task import Task
 
@@ -55,7 +56,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
 
-    cfg = GPT2Config(n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
+    cfg = ModelConfig(n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
                      d_mlp=4 * args.d_model, n_ctx=1024, d_vocab=args.vocab)
     model = Model(cfg, init_params(cfg, jax.random.key(0)))
     rng = np.random.default_rng(0)

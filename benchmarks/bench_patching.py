@@ -23,7 +23,8 @@ import numpy as np
 
 from attrpatch import Interventions, Model, Patch, Task
 from attrpatch.atomic import atomic_write_json
-from attrpatch.gpt2 import GPT2Config, init_params
+from attrpatch.arch import ModelConfig
+from attrpatch.arch.transformer import init_params
 from attrpatch.patching import patch
 from attrpatch.task import METRICS, MetricReference
 
@@ -144,7 +145,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
 
-    cfg = GPT2Config(n_layers=12, d_model=768, n_heads=12, d_mlp=3072, n_ctx=1024, d_vocab=50257)
+    cfg = ModelConfig(n_layers=12, d_model=768, n_heads=12, d_mlp=3072, n_ctx=1024, d_vocab=50257)
     model = Model(cfg, init_params(cfg, jax.random.PRNGKey(0)))
     task = ioi_task()
     rate = matmul_rate()

@@ -118,11 +118,12 @@ def build_checkpoint(path: str, n_layers: int, seed: int) -> None:
     from transformers import PreTrainedTokenizerFast
 
     from attrpatch import Model
-    from attrpatch.gpt2 import GPT2Config, init_params
+    from attrpatch.arch import ModelConfig
+    from attrpatch.arch.transformer import init_params
     from attrpatch.loading import save_model
     from attrpatch.tokenizer import word_level_tokenizer
 
-    cfg = GPT2Config(n_layers=n_layers, d_model=768, n_heads=12, d_mlp=3072, n_ctx=1024,
+    cfg = ModelConfig(n_layers=n_layers, d_model=768, n_heads=12, d_mlp=3072, n_ctx=1024,
                      d_vocab=50257)
     save_model(Model(cfg, init_params(cfg, jax.random.PRNGKey(seed))), path)
     words = [f"w{i}" for i in range(cfg.d_vocab - 2)] + ["<unk>", "<|endoftext|>"]

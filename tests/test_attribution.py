@@ -127,7 +127,7 @@ def test_identical_runs_give_exact_zeros(tiny_model):
     for direction in ("denoise", "noise"):
         res = attribute(model, same, ALL, direction=direction, per_prompt=True)
         for g, s in res.scores.items():
-            assert s.values.shape == grid_shape(g, 2, 6, 4, 128)
+            assert s.values.shape == grid_shape(g, model.config, 6)
             assert np.all(s.values == 0.0), g
             assert np.all(s.per_prompt == 0.0), g
         assert res.gap == 0.0
@@ -191,7 +191,7 @@ def test_float64_central_differences(hf_checkpoint, direction):
 
 
 def linearized(model: Model, attn_only=False, constant_attention=False) -> Model:
-    cfg = dataclasses.replace(model.config, layer_norm_eps=1e12, attn_only=attn_only)
+    cfg = dataclasses.replace(model.config, norm_eps=1e12, attn_only=attn_only)
     p = jax.tree.map(lambda x: x, model.params)
     blocks = dict(p["blocks"])
     for k in ("ln1_w", "ln2_w"):

@@ -91,7 +91,7 @@ def naive(model, task, gran, direction="denoise", source="default", metric=None,
     base_logits, _ = model.run(base_tokens, am, base_iv, (), ans)
     base = np.asarray(fn(base_logits, task, ref))
     neuron_ids = None
-    shape = grid_shape(gran, cfg.n_layers, task.n_pos, cfg.n_heads, cfg.d_mlp)
+    shape = grid_shape(gran, cfg, task.n_pos)
     out = np.full((task.batch, *shape), np.nan)
     comps = list(np.ndindex(shape))
     if neurons is not None:
@@ -317,9 +317,10 @@ def test_attention_only_model_defaults_match_naive():
     import jax
 
     from attrpatch import Model
-    from attrpatch.gpt2 import GPT2Config, init_params
+    from attrpatch.arch import ModelConfig
+    from attrpatch.arch.transformer import init_params
 
-    cfg = GPT2Config(n_layers=2, d_model=16, n_heads=2, d_mlp=64, n_ctx=8, d_vocab=61,
+    cfg = ModelConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=64, n_ctx=8, d_vocab=61,
                      attn_only=True)
     params = init_params(cfg, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda x: x * 10 if x.ndim > 1 else x + 0.1, params)  # non-trivial

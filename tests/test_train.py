@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from attrpatch import load_model, load_tokenizer, tasks, train
-from attrpatch.gpt2 import GPT2Config
+from attrpatch.arch import ModelConfig
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 INDUCTION = MODELS / "attn-only-2l-induction"
@@ -16,7 +16,7 @@ IOI = MODELS / "ioi-gpt2-4l"
 
 
 def test_training_reduces_loss_and_is_deterministic():
-    cfg = GPT2Config(n_layers=1, d_model=32, n_heads=2, d_mlp=64, n_ctx=16,
+    cfg = ModelConfig(n_layers=1, d_model=32, n_heads=2, d_mlp=64, n_ctx=16,
                      d_vocab=len(tasks.TOY_IOI_WORDS))
     runs = [train.train(cfg, train.ioi_batches(32), steps=40, lr=1e-2, seed=0, warmup=5,
                         log_every=10, log=None) for _ in range(2)]
@@ -124,7 +124,7 @@ def test_card_from_checkpoint_matches_training(tmp_path):
     the weights alone and writes the same card as training did."""
     import json
 
-    cfg = GPT2Config(n_layers=2, d_model=16, n_heads=2, d_mlp=32, n_ctx=48, d_vocab=24,
+    cfg = ModelConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32, n_ctx=48, d_vocab=24,
                      attn_only=True)
     out = tmp_path / "tiny-induction"
     metrics = train.build("induction", out, steps=3, config=cfg, log=None, batch=4)

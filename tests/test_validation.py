@@ -270,7 +270,7 @@ def test_linear_path_not_flagged(tiny_model):
         b["W_in"] = b["W_in"].at[-1].set(0.0)
         return b
 
-    model = _with_blocks(base, fn, layer_norm_eps=eps)
+    model = _with_blocks(base, fn, norm_eps=eps)
     model = Model(model.config, dict(model.params, ln_f_w=model.params["ln_f_w"] * np.sqrt(eps)))
     task = _task(model)
     grans = ("z", "attn_out", "resid_post")

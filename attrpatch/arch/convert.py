@@ -1,0 +1,208 @@
+"""What every family's Hugging Face conversion shares: reading `config.json` fields so that none
+is silently ignored, reading rotary settings in both config formats, and taking tensors by name
+so that none is missing, mis-shaped or left over."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Config fields that never change the forward computation (bookkeeping, training-only dropout,
+# generation and tokenizer settings). Anything else a family's converter does not read is refused.
+HARMLESS_FIELDS = frozenset({
+    "_name_or_path", "transformers_version", "architectures", "model_type", "dtype", "torch_dtype",
+    "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
+    "id2label", "label2id", "problem_type", "initializer_range", "use_cache", "bos_token_id",
+    "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "tokenizer_class",
+    "prefix", "task_specific_params", "finetuning_task", "torchscript", "pruned_heads",
+    "attention_dropout", "hidden_dropout", "classifier_dropout", "resid_pdrop", "embd_pdrop",
+    "attn_pdrop", "summary_type", "summary_use_proj", "summary_activation",
+    "summary_proj_to_labels", "summary_first_dropout", "cache_implementation",
+    "_attn_implementation_autoset", "pretraining_tp", "tie_encoder_decoder", "is_decoder",
+    "attention_probs_dropout_prob", "hidden_dropout_prob",
+})
+# Fields that are harmless only at these values.
+REQUIRED_VALUES = {"is_encoder_decoder": False, "add_cross_attention": False,
+                   "use_bidirectional_attention": False}
+
+
+class HFConfig:
+    """A `config.json` dict read field by field: :meth:`finish` refuses, by name, every field
+    that was not read and is not known to be harmless."""
+
+    def __init__(self, raw: dict, family: str):
+        if not isinstance(raw, dict):
+            raise ValueError(f"config.json: expected a JSON object, got {type(raw).__name__}")
+        self.raw, self.family, self.read = raw, family, set()
+
+    def get(self, key: str, default=None):
+        self.read.add(key)
+        value = self.raw.get(key)
+        return default if value is None else value
+
+    def int(self, key: str, default=None) -> int:
+        value = self.get(key, default)
+        if value is None:
+            raise ValueError(f"config.json: missing required {self.family} field {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 1:
+            raise ValueError(f"config.json: {key}={value!r} must be a positive integer")
+        return int(value)
+
+    def float(self, key: str, default=None) -> float:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"config.json: {key}={value!r} must be a finite number")
+        return float(value)
+
+    def refuse(self, key: str, why: str):
+        raise ValueError(f"config.json: {key}={self.raw.get(key)!r} is not supported for "
+                         f"{self.family}: {why}")
+
+    def finish(self) -> None:
+        for key, allowed in REQUIRED_VALUES.items():
+            if self.raw.get(key) not in (allowed, None):
+                self.refuse(key, f"only {allowed!r} is implemented")
+        unknown = sorted(set(self.raw) - self.read - HARMLESS_FIELDS - set(REQUIRED_VALUES))
+        if unknown:
+            raise ValueError(
+                f"config.json: field(s) {', '.join(map(repr, unknown))} are not implemented by "
+                f"attrpatch's {self.family} model, and may change the computation; refusing rather "
+                "than ignoring them. Remove a field from config.json only if you know it does not "
+                "affect the forward pass."
+            )
+
+
+_ROPE_KEYS = {"default": set(), "linear": {"factor"},
+              "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}
+
+
+def read_rope(c: HFConfig, default_theta: float = 10000.0) -> dict:
+    """Rotary settings from either config format (``rope_parameters``, or the older
+    ``rope_theta`` + ``rope_scaling``; GPT-NeoX's ``rotary_emb_base`` / ``rotary_pct``), as
+    `ModelConfig` fields plus ``partial_rotary_factor``. Unimplemented scaling types are refused."""
+    params = dict(c.get("rope_parameters", {}))
+    scaling = c.get("rope_scaling")
+    if scaling is not None:
+        if not isinstance(scaling, dict):
+            c.refuse("rope_scaling", "expected an object")
+        params = scaling | params
+    theta = params.pop("rope_theta", c.get("rope_theta", c.get("rotary_emb_base", default_theta)))
+    partial = params.pop("partial_rotary_factor",
+                         c.get("partial_rotary_factor", c.get("rotary_pct", 1.0)))
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if rope_type not in _ROPE_KEYS:
+        raise ValueError(f"config.json: rope scaling type {rope_type!r} is not supported; "
+                         f"supported: {', '.join(_ROPE_KEYS)}")
+    missing = _ROPE_KEYS[rope_type] - set(params)
+    extra = set(params) - _ROPE_KEYS[rope_type]
+    if missing or extra:
+        raise ValueError(f"config.json: rope type {rope_type!r} needs exactly the fields "
+                         f"{sorted(_ROPE_KEYS[rope_type])}; missing {sorted(missing)}, "
+                         f"not implemented {sorted(extra)}")
+    return {"rope_theta": float(theta), "rope_type": rope_type,
+            "rope_scaling": tuple(sorted((k, float(v)) for k, v in params.items())),
+            "partial_rotary_factor": float(partial)}
+
+
+def write_rope(cfg) -> dict:
+    """The ``rope_parameters`` entry of a config.json, for `ModelConfig` `cfg`."""
+    out = {"rope_theta": cfg.rope_theta, "rope_type": cfg.rope_type}
+    out |= {k: (int(v) if k == "original_max_position_embeddings" else v) for k, v in cfg.rope_scaling}
+    if cfg.rotary_width != cfg.d_head:
+        out["partial_rotary_factor"] = cfg.rotary_width / cfg.d_head
+    return out
+
+
+def read_windows(c: HFConfig, n_layers: int, sliding_window, default_types) -> tuple | None:
+    """Per-layer windows from ``layer_types`` (``"sliding_attention"`` / ``"full_attention"``),
+    or `default_types` when the config has none."""
+    types = c.get("layer_types", default_types)
+    if types is None or sliding_window is None:
+        return None
+    if not isinstance(types, list) or len(types) != n_layers:
+        c.refuse("layer_types", f"expected a list of {n_layers} layer types")
+    bad = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if bad:
+        c.refuse("layer_types", f"layer type(s) {bad} are not implemented")
+    windows = tuple(int(sliding_window) if t == "sliding_attention" else None for t in types)
+    return windows if any(w is not None for w in windows) else None
+
+
+def write_windows(cfg) -> dict:
+    """``sliding_window`` and ``layer_types`` for a config.json."""
+    if cfg.windows is None:
+        return {"sliding_window": None}
+    sizes = {w for w in cfg.windows if w is not None}
+    if len(sizes) != 1:
+        raise ValueError(f"Hugging Face configs have one sliding_window; this model has {sorted(sizes)}")
+    types = ["sliding_attention" if w is not None else "full_attention" for w in cfg.windows]
+    return {"sliding_window": sizes.pop(), "layer_types": types}
+
+
+class Tensors:
+    """Checkpoint tensors (numpy, in their stored dtype) taken by name, each at most once.
+
+    :meth:`finish` refuses leftovers, so a tensor the architecture does not use is an error, not
+    silently dropped. Values stay in their stored dtype (a bf16 checkpoint stays bf16) until
+    :func:`to_params` casts each one.
+    """
+
+    def __init__(self, tensors: dict[str, np.ndarray], family: str, ignored_suffixes=()):
+        self.plain = {k: v for k, v in tensors.items() if not k.endswith(tuple(ignored_suffixes))}
+        self.family, self.used = family, set()
+
+    def take(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        if key not in self.plain:
+            raise ValueError(f"checkpoint is missing tensor {key!r}, which this {self.family} "
+                             "config requires (is config.json from the same model?)")
+        value = self.plain[key]
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"tensor {key!r} has shape {tuple(value.shape)}, but the config implies "
+                             f"{tuple(shape)}")
+        if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
+            raise ValueError(f"tensor {key!r} has dtype {value.dtype}; weights must be floating point")
+        self.used.add(key)
+        return value
+
+    def has(self, key: str) -> bool:
+        return key in self.plain
+
+    def stack(self, pattern: str, n_layers: int, shape: tuple[int, ...]) -> np.ndarray:
+        """``pattern.format(i)`` for every layer, stacked ``[n_layers, *shape]``."""
+        return np.stack([self.take(pattern.format(i), shape) for i in range(n_layers)])
+
+    def drop(self, key: str) -> None:
+        """Accept a redundant tensor without using it (a tied head some exports keep)."""
+        self.plain.pop(key, None)
+
+    def finish(self) -> None:
+        unexpected = sorted(set(self.plain) - self.used)
+        if unexpected:
+            shown = ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
+            raise ValueError(f"checkpoint has {len(unexpected)} tensor(s) a {self.family} with this "
+                             f"config does not use: {shown}. Is config.json from the same model?")
+
+
+def to_params(tree: dict, dtype) -> dict:
+    """Cast every leaf to a JAX array of `dtype`, one at a time."""
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), tree)
+
+
+def to_numpy(params: dict) -> dict:
+    """Params as float32 numpy arrays (for writing)."""
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+
+def heads_in(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """A torch Linear weight ``[..., n_heads * d_head, d_model]`` as ``[..., d_model, n_heads, d_head]``."""
+    *lead, out, d = w.shape
+    return np.moveaxis(w.reshape(*lead, n_heads, out // n_heads, d), -1, -3)
+
+
+def heads_out(w: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`heads_in` for one layer: ``[d_model, head, d_head]`` -> ``[head * d_head, d_model]``."""
+    d, h, e = w.shape
+    return np.moveaxis(w, 0, -1).reshape(h * e, d)

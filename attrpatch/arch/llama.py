@@ -1,0 +1,201 @@
+"""The Llama family (``model_type: llama``, ``mistral``, ``qwen2``) and Gemma (``gemma``,
+``gemma2``): Hugging Face config and tensors in and out.
+
+HF layout: ``model.embed_tokens``, per layer ``model.layers.{i}.{input_layernorm,
+self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp.{gate,up,down}_proj}``, ``model.norm``,
+``lm_head`` when untied. Gemma 2 adds ``pre_feedforward_layernorm`` and
+``post_feedforward_layernorm``, and its ``post_attention_layernorm`` is the post-norm of the
+attention output. Gemma's RMSNorm multiplies by ``1 + w`` and its embeddings by
+``sqrt(d_model)``: both are folded into our weights at load and unfolded on save.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from attrpatch.arch.config import ACTIVATIONS, ModelConfig
+from attrpatch.arch.convert import (
+    HFConfig,
+    Tensors,
+    heads_in,
+    heads_out,
+    read_rope,
+    read_windows,
+    to_numpy,
+    to_params,
+    write_rope,
+    write_windows,
+)
+
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma",
+            "gemma2": "Gemma 2"}
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM",
+               "gemma2": "Gemma2ForCausalLM"}
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def _is_gemma(model_type: str) -> bool:
+    return model_type.startswith("gemma")
+
+
+def config_from_hf(raw: dict) -> ModelConfig:
+    model_type = raw.get("model_type")
+    c = HFConfig(raw, FAMILIES[model_type])
+    d_model, n_heads, n_layers = c.int("hidden_size"), c.int("num_attention_heads"), c.int("num_hidden_layers")
+    n_kv = c.int("num_key_value_heads", n_heads)
+    if n_heads % n_kv:
+        raise ValueError(f"config.json: num_attention_heads={n_heads} is not a multiple of "
+                         f"num_key_value_heads={n_kv}")
+    head_dim = c.int("head_dim", d_model // n_heads)
+    # Gemma's configs name the MLP activation `hidden_activation` (preferred when set)
+    act_key = "hidden_activation" if c.get("hidden_activation") is not None else "hidden_act"
+    act = c.get(act_key, c.get("hidden_act", "silu"))
+    if act not in ACTIVATIONS:
+        c.refuse(act_key, f"supported: {', '.join(ACTIVATIONS)}")
+    rope = read_rope(c)
+    rotary_dim = int(head_dim * rope.pop("partial_rotary_factor"))
+    fields = {}
+    if model_type == "qwen2":
+        window = c.get("sliding_window") if c.get("use_sliding_window", False) else None
+        first = c.get("max_window_layers", n_layers)
+        default = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+        fields["windows"] = read_windows(c, n_layers, window, default)
+        fields |= dict(qkv_bias=True, attn_out_bias=False, mlp_bias=False)
+    elif model_type == "mistral":
+        fields["windows"] = read_windows(c, n_layers, c.get("sliding_window"), ["sliding_attention"] * n_layers)
+        fields |= dict(qkv_bias=False, attn_out_bias=False, mlp_bias=False)
+    elif model_type == "gemma2":
+        default = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
+        fields["windows"] = read_windows(c, n_layers, c.get("sliding_window"), default)
+        fields |= dict(attn_scale=math.sqrt(c.float("query_pre_attn_scalar", head_dim)),
+                       attn_softcap=c.get("attn_logit_softcapping"),
+                       final_softcap=c.get("final_logit_softcapping"), post_norms=True)
+    if model_type in ("llama", "gemma", "gemma2"):
+        bias = bool(c.get("attention_bias", False))
+        fields |= dict(qkv_bias=bias, attn_out_bias=bias, mlp_bias=bool(c.get("mlp_bias", False)))
+    cfg = ModelConfig(
+        architecture=model_type, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
+        n_kv_heads=n_kv, head_dim=head_dim, d_mlp=c.int("intermediate_size"),
+        n_ctx=c.int("max_position_embeddings"), d_vocab=c.int("vocab_size"), norm="rmsnorm",
+        norm_eps=c.float("rms_norm_eps", 1e-6), positions="rotary", rotary_dim=rotary_dim, **rope,
+        gated_mlp=True, act_fn=act,
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", _is_gemma(model_type))), **fields,
+    )
+    c.finish()
+    return cfg
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    mt = cfg.architecture
+    out = {
+        "model_type": mt, "architectures": [_HF_CLASSES[mt]],
+        "num_hidden_layers": cfg.n_layers, "hidden_size": cfg.d_model,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.d_head, "intermediate_size": cfg.d_mlp,
+        "max_position_embeddings": cfg.n_ctx, "vocab_size": cfg.d_vocab,
+        "rms_norm_eps": cfg.norm_eps, "rope_parameters": write_rope(cfg),
+        "hidden_activation" if mt == "gemma2" else "hidden_act": cfg.act_fn,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+    }
+    if mt in ("llama", "gemma", "gemma2"):
+        out["attention_bias"] = cfg.qkv_bias
+    if mt == "llama":
+        out["mlp_bias"] = cfg.mlp_bias
+    if mt in ("mistral", "gemma2"):
+        out |= write_windows(cfg)
+    if mt == "qwen2":
+        out |= write_windows(cfg) | {"use_sliding_window": cfg.windows is not None}
+    if mt == "gemma2":
+        out |= {"query_pre_attn_scalar": round(cfg.attn_scale ** 2, 6),
+                "attn_logit_softcapping": cfg.attn_softcap,
+                "final_logit_softcapping": cfg.final_softcap}
+    return out
+
+
+def _norm_in(w: np.ndarray, gemma: bool) -> np.ndarray:
+    return w.astype(np.float32) + 1 if gemma else w
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, dtype) -> dict:
+    gemma = _is_gemma(cfg.architecture)
+    t = Tensors(tensors, FAMILIES[cfg.architecture], _IGNORED_SUFFIXES)
+    L, d, H, K, dh, dm = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_mlp
+    stack = lambda suffix, shape: t.stack("model.layers.{}." + suffix, L, shape)
+    norm = lambda suffix: _norm_in(stack(suffix + ".weight", (d,)), gemma)
+    attn = "self_attn.{}_proj."
+    blocks = {
+        "ln1_w": norm("input_layernorm"),
+        "W_Q": heads_in(stack(attn.format("q") + "weight", (H * dh, d)), H),
+        "W_K": heads_in(stack(attn.format("k") + "weight", (K * dh, d)), K),
+        "W_V": heads_in(stack(attn.format("v") + "weight", (K * dh, d)), K),
+        "W_O": stack(attn.format("o") + "weight", (d, H * dh)).reshape(L, d, H, dh).transpose(0, 2, 3, 1),
+        "W_gate": stack("mlp.gate_proj.weight", (dm, d)).transpose(0, 2, 1),
+        "W_in": stack("mlp.up_proj.weight", (dm, d)).transpose(0, 2, 1),
+        "W_out": stack("mlp.down_proj.weight", (d, dm)).transpose(0, 2, 1),
+    }
+    if cfg.post_norms:
+        blocks |= {"ln1_post_w": norm("post_attention_layernorm"),
+                   "ln2_w": norm("pre_feedforward_layernorm"),
+                   "ln2_post_w": norm("post_feedforward_layernorm")}
+    else:
+        blocks["ln2_w"] = norm("post_attention_layernorm")
+    if cfg.qkv_bias:
+        blocks |= {f"b_{n}": stack(attn.format(n.lower()) + "bias", (h * dh,)).reshape(L, h, dh)
+                   for n, h in (("Q", H), ("K", K), ("V", K))}
+    if cfg.attn_out_bias:
+        blocks["b_O"] = stack(attn.format("o") + "bias", (d,))
+    if cfg.mlp_bias:
+        blocks |= {"b_gate": stack("mlp.gate_proj.bias", (dm,)), "b_in": stack("mlp.up_proj.bias", (dm,)),
+                   "b_out": stack("mlp.down_proj.bias", (d,))}
+    embed = t.take("model.embed_tokens.weight", (cfg.d_vocab, d))
+    if cfg.tie_word_embeddings:
+        W_U = embed.T
+        t.drop("lm_head.weight")
+    else:
+        W_U = t.take("lm_head.weight", (cfg.d_vocab, d)).T
+    if gemma:  # HF multiplies by sqrt(d_model) rounded to the weights' dtype
+        embed = embed * np.asarray(math.sqrt(d), embed.dtype)
+    params = {"W_E": embed, "blocks": blocks, "ln_f_w": _norm_in(t.take("model.norm.weight", (d,)), gemma),
+              "W_U": W_U}
+    t.finish()
+    return to_params(params, dtype)
+
+
+def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    gemma = _is_gemma(cfg.architecture)
+    p = to_numpy(params)
+    b, d = p["blocks"], cfg.d_model
+    norm = (lambda w: w - 1) if gemma else (lambda w: w)
+    embed = p["W_U"].T if cfg.tie_word_embeddings else (
+        p["W_E"] / np.float32(math.sqrt(d)) if gemma else p["W_E"])
+    out = {"model.embed_tokens.weight": embed, "model.norm.weight": norm(p["ln_f_w"])}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = p["W_U"].T
+    for i in range(cfg.n_layers):
+        h = f"model.layers.{i}."
+        a = h + "self_attn."
+        out |= {
+            h + "input_layernorm.weight": norm(b["ln1_w"][i]),
+            a + "q_proj.weight": heads_out(b["W_Q"][i]), a + "k_proj.weight": heads_out(b["W_K"][i]),
+            a + "v_proj.weight": heads_out(b["W_V"][i]),
+            a + "o_proj.weight": b["W_O"][i].reshape(-1, d).T,
+            h + "mlp.gate_proj.weight": b["W_gate"][i].T, h + "mlp.up_proj.weight": b["W_in"][i].T,
+            h + "mlp.down_proj.weight": b["W_out"][i].T,
+        }
+        if cfg.post_norms:
+            out |= {h + "post_attention_layernorm.weight": norm(b["ln1_post_w"][i]),
+                    h + "pre_feedforward_layernorm.weight": norm(b["ln2_w"][i]),
+                    h + "post_feedforward_layernorm.weight": norm(b["ln2_post_w"][i])}
+        else:
+            out[h + "post_attention_layernorm.weight"] = norm(b["ln2_w"][i])
+        if cfg.qkv_bias:
+            out |= {a + f"{n.lower()}_proj.bias": b[f"b_{n}"][i].reshape(-1) for n in "QKV"}
+        if cfg.attn_out_bias:
+            out[a + "o_proj.bias"] = b["b_O"][i]
+        if cfg.mlp_bias:
+            out |= {h + "mlp.gate_proj.bias": b["b_gate"][i], h + "mlp.up_proj.bias": b["b_in"][i],
+                    h + "mlp.down_proj.bias": b["b_out"][i]}
+    return out

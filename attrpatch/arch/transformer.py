@@ -1,0 +1,355 @@
+"""The one parameterised transformer: every family's forward pass, in phases, with named sites.
+
+Parameters are a plain dict pytree; block weights are stacked over a leading layer axis ``L`` so
+the forward is one `lax.scan`. Which keys exist follows from the config (biases, gated MLP,
+LayerNorm biases, post-norms, learned positions):
+
+| key | shape | present |
+|---|---|---|
+| ``W_E`` | ``[d_vocab, d_model]`` | always (Gemma's ``sqrt(d_model)`` folded in) |
+| ``W_pos`` | ``[n_ctx, d_model]`` | learned positions |
+| ``blocks.ln1_w`` / ``ln1_b`` | ``[L, d_model]`` | always / LayerNorm |
+| ``blocks.W_Q`` / ``b_Q`` | ``[L, d_model, head, d_head]`` / ``[L, head, d_head]`` | always / `qkv_bias` |
+| ``blocks.W_K``, ``W_V`` / ``b_K``, ``b_V`` | ``[L, d_model, kv_head, d_head]`` / ``[L, kv_head, d_head]`` | always / `qkv_bias` |
+| ``blocks.W_O`` / ``b_O`` | ``[L, head, d_head, d_model]`` / ``[L, d_model]`` | always / `attn_out_bias` |
+| ``blocks.ln1_post_w``, ``ln2_post_w`` | ``[L, d_model]`` | `post_norms` |
+| ``blocks.ln2_w`` / ``ln2_b`` | ``[L, d_model]`` | MLPs / and LayerNorm |
+| ``blocks.W_in`` / ``b_in`` | ``[L, d_model, d_mlp]`` / ``[L, d_mlp]`` | MLPs / `mlp_bias` (gated: the up projection) |
+| ``blocks.W_gate`` / ``b_gate`` | ``[L, d_model, d_mlp]`` / ``[L, d_mlp]`` | `gated_mlp` / and `mlp_bias` |
+| ``blocks.W_out`` / ``b_out`` | ``[L, d_mlp, d_model]`` / ``[L, d_model]`` | MLPs / `mlp_bias` |
+| ``ln_f_w`` / ``ln_f_b`` | ``[d_model]`` | always / LayerNorm |
+| ``W_U`` | ``[d_model, d_vocab]`` | always |
+
+The phases (the exact-patching engine calls them on packed rows, each row with its position):
+:func:`embed`; :func:`attention_inputs` (hooks q, k, v, then rot_q, rot_k); :func:`mix` (grouped
+query heads, soft-cap, masks, scores and pattern hooks); :func:`block_output` (W_O, post-norm,
+MLP, sequential or parallel); :func:`final_norm` and :func:`unembed` (soft-cap).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from attrpatch.arch.config import ModelConfig
+from attrpatch.interventions import NO_INTERVENTIONS, Interventions, site
+from attrpatch.sites import block_keys
+
+Hook = Callable[[str, Array], Array]
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+_NO_WINDOW = np.iinfo(np.int32).max
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pure pieces
+
+
+def norm(x: Float[Array, "... d"], w, b, cfg: ModelConfig) -> Float[Array, "... d"]:
+    """LayerNorm (`b` given) or RMSNorm over the last axis, computed in at least float32."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    if cfg.norm == "layernorm":
+        x32 = x32 - x32.mean(-1, keepdims=True)
+    normed = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + cfg.norm_eps)
+    out = normed.astype(x.dtype) * w
+    return out if b is None else out + b
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+    """``cap * tanh(x / cap)`` (identity for None)."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def rotary_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies ``[rotary_width // 2]`` (float32), with the config's scaling, as
+    Hugging Face computes them (`modeling_rope_utils`)."""
+    dim = cfg.rotary_width
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)))
+    inv = inv.astype(np.float32)
+    scaling = dict(cfg.rope_scaling)
+    if cfg.rope_type == "linear":
+        inv = inv / np.float32(scaling["factor"])
+    elif cfg.rope_type == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rotate(x: Float[Array, "batch pos head d_head"], positions: Int[Array, "batch pos"],
+           cfg: ModelConfig) -> Float[Array, "batch pos head d_head"]:
+    """Rotary embedding of the first `rotary_width` features of each head at explicit positions
+    (rotate-half layout; the rest pass through)."""
+    r = cfg.rotary_width
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(rotary_inv_freq(cfg))
+    emb = jnp.concatenate([freqs, freqs], -1)[:, :, None]  # [batch, pos, 1, r]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    xr, rest = x[..., :r], x[..., r:]
+    half = jnp.concatenate([-xr[..., r // 2:], xr[..., : r // 2]], -1)
+    return jnp.concatenate([xr * cos + half * sin, rest], -1)
+
+
+def keep_mask(query_pos: Int[Array, "batch q"], key_pos: Int[Array, "batch k"], window,
+              key_real: Bool[Array, "batch k"] | None = None) -> Bool[Array, "batch 1 q k"]:
+    """Which keys each query may attend to: causal, within the sliding `window` (a query at p
+    sees keys p - window < k <= p; pass a huge window for none), padded keys dropped."""
+    gap = query_pos[:, None, :, None] - key_pos[:, None, None, :]
+    keep = (gap >= 0) & (gap < window)
+    return keep if key_real is None else keep & key_real[:, None, None, :]
+
+
+def layer_constants(cfg: ModelConfig) -> dict[str, Array]:
+    """Per-layer attention constants, scanned with the blocks: ``scale`` (the logits' divisor)
+    and ``window`` (sliding-window length; int32 max for none), each ``[n_layers]``."""
+    scale = cfg.attn_scale if cfg.attn_scale is not None else math.sqrt(cfg.d_head)
+    scales = np.full(cfg.n_layers, scale, np.float32)
+    if cfg.scale_attn_by_inverse_layer_idx:
+        scales = scales * np.arange(1, cfg.n_layers + 1, dtype=np.float32)
+    windows = [_NO_WINDOW if w is None else w for w in (cfg.windows or [None] * cfg.n_layers)]
+    return {"scale": jnp.asarray(scales), "window": jnp.asarray(windows, jnp.int32)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Phases
+
+
+def embed(params: dict, cfg: ModelConfig, tokens: Int[Array, "batch pos"], hook: Hook
+          ) -> Float[Array, "batch pos d_model"]:
+    """Token (and learned position) embeddings: the first block's ``resid_pre``."""
+    x = hook("hook_embed", params["W_E"][tokens])
+    if cfg.positions == "learned":
+        x = x + hook("hook_pos_embed", jnp.broadcast_to(params["W_pos"][: tokens.shape[1]], x.shape))
+    return x
+
+
+def attention_inputs(p: dict, cfg: ModelConfig, resid: Float[Array, "batch pos d_model"],
+                     positions: Int[Array, "batch pos"], hook: Hook) -> tuple[Array, Array, Array]:
+    """Queries ``[batch, pos, head, d_head]``, keys and values ``[batch, pos, kv_head, d_head]``
+    of one block (`p` its slice), rotary applied at `positions` (hooks q, k, v, rot_q, rot_k)."""
+    x = norm(resid, p["ln1_w"], p.get("ln1_b"), cfg)
+    q, k, v = (jnp.einsum("bpd,dhe->bphe", x, p[f"W_{n}"]) for n in "QKV")
+    if cfg.qkv_bias:
+        q, k, v = q + p["b_Q"], k + p["b_K"], v + p["b_V"]
+    q, k, v = hook("attn.hook_q", q), hook("attn.hook_k", k), hook("attn.hook_v", v)
+    if cfg.positions == "rotary":
+        q = hook("attn.hook_rot_q", rotate(q, positions, cfg))
+        k = hook("attn.hook_rot_k", rotate(k, positions, cfg))
+    return q, k, v
+
+
+def mix(q: Float[Array, "batch q head d_head"], k: Float[Array, "batch k kv_head d_head"],
+        v: Float[Array, "batch k kv_head d_head"], keep: Bool[Array, "batch 1 q k"], scale,
+        cfg: ModelConfig, hook: Hook) -> Float[Array, "batch q head d_head"]:
+    """Attention mixing: head outputs z. Query head ``h`` reads kv head ``h // group``; logits
+    are divided by `scale`, soft-capped, masked by `keep`, then pass the scores and pattern hooks."""
+    b, nq, H, dh = q.shape
+    K = k.shape[2]
+    grouped = q.reshape(b, nq, K, H // K, dh)
+    scores = jnp.einsum("bqkge,bske->bkgqs", grouped, k,
+                        preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+    scores = softcap(scores.reshape(b, H, nq, k.shape[1]) / scale, cfg.attn_softcap)
+    scores = hook("attn.hook_attn_scores", jnp.where(keep, scores, jnp.finfo(scores.dtype).min))
+    pattern = hook("attn.hook_pattern", jax.nn.softmax(scores, axis=-1).astype(q.dtype))
+    z = jnp.einsum("bkgqs,bske->bqkge", pattern.reshape(b, K, H // K, nq, k.shape[1]), v)
+    return z.reshape(b, nq, H, dh)
+
+
+def block_output(p: dict, cfg: ModelConfig, resid: Float[Array, "batch pos d_model"],
+                 z: Float[Array, "batch pos head d_head"], hook: Hook
+                 ) -> Float[Array, "batch pos d_model"]:
+    """The rest of a block after attention mixing: ``resid_post`` from ``resid_pre`` and z."""
+    attn_out = jnp.einsum("bqhe,hed->bqd", z, p["W_O"])
+    if cfg.attn_out_bias:
+        attn_out = attn_out + p["b_O"]
+    if cfg.post_norms:
+        attn_out = norm(attn_out, p["ln1_post_w"], None, cfg)
+    attn_out = hook("hook_attn_out", attn_out)
+    if cfg.attn_only:
+        return hook("hook_resid_post", resid + attn_out)
+    if cfg.parallel_attn_mlp:
+        mlp_in = resid
+    else:
+        resid = mlp_in = hook("hook_resid_mid", resid + attn_out)
+    x = norm(mlp_in, p["ln2_w"], p.get("ln2_b"), cfg)
+
+    def linear(name: str) -> Array:
+        out = x @ p[f"W_{name}"]
+        return out + p[f"b_{name}"] if cfg.mlp_bias else out
+
+    act = ACTIVATIONS[cfg.act_fn]
+    if cfg.gated_mlp:
+        gate = hook("mlp.hook_pre", linear("gate"))
+        post = act(gate) * hook("mlp.hook_pre_linear", linear("in"))
+    else:
+        post = act(hook("mlp.hook_pre", linear("in")))
+    post = hook("mlp.hook_post", post)
+    mlp_out = post @ p["W_out"]
+    if cfg.mlp_bias:
+        mlp_out = mlp_out + p["b_out"]
+    if cfg.post_norms:
+        mlp_out = norm(mlp_out, p["ln2_post_w"], None, cfg)
+    mlp_out = hook("hook_mlp_out", mlp_out)
+    if cfg.parallel_attn_mlp:
+        return hook("hook_resid_post", resid + attn_out + mlp_out)
+    return hook("hook_resid_post", resid + mlp_out)
+
+
+def block(p: dict, cfg: ModelConfig, resid: Float[Array, "batch pos d_model"],
+          positions: Int[Array, "batch pos"], iv: Interventions, attend: Callable
+          ) -> tuple[Float[Array, "batch pos d_model"], dict[str, Array]]:
+    """One transformer block on rows at `positions`; `p` and `iv` are this layer's slices.
+
+    `attend(q, k, v, hook) -> z` does the attention mixing (the forward passes :func:`mix` with
+    the layer's masks; the patching engine, whose rows are packed from many patched runs, passes
+    its own). Returns ``(resid_post, acts)``, `acts` every site's activation by key.
+    """
+    acts = {}
+
+    def hook(name, x):
+        x = site(name, x, iv)
+        acts[name] = x
+        return x
+
+    resid = hook("hook_resid_pre", resid)
+    q, k, v = attention_inputs(p, cfg, resid, positions, hook)
+    z = hook("attn.hook_z", attend(q, k, v, hook))
+    return block_output(p, cfg, resid, z, hook), acts
+
+
+def final_norm(params: dict, cfg: ModelConfig, resid: Float[Array, "... d_model"]) -> Array:
+    return norm(resid, params["ln_f_w"], params.get("ln_f_b"), cfg)
+
+
+def unembed(params: dict, cfg: ModelConfig, normalized: Float[Array, "... d_model"],
+            cols: Int[Array, "batch k"] | None = None) -> Float[Array, "... d_vocab"]:
+    """Logits (float32, or float64 for a float64 model), soft-capped. With `cols` (for
+    `normalized` ``[batch, d_model]``), only those columns of each row are computed (the others
+    are zero and must not be read)."""
+    dt = jnp.promote_types(normalized.dtype, jnp.float32)
+    W_U = params["W_U"].astype(dt)
+    if cols is None:
+        return softcap(normalized.astype(dt) @ W_U, cfg.final_softcap)
+    sel = softcap(jnp.einsum("bd,dbk->bk", normalized.astype(dt), W_U[:, cols]), cfg.final_softcap)
+    rows = jnp.arange(normalized.shape[0])[:, None]
+    return jnp.zeros((normalized.shape[0], W_U.shape[1]), dt).at[rows, cols].set(sel)
+
+
+def forward(
+    params: dict,
+    cfg: ModelConfig,
+    tokens: Int[Array, "batch pos"],
+    attention_mask: Int[Array, "batch pos"] | None = None,
+    interventions: Interventions = NO_INTERVENTIONS,
+    cache_keys: tuple[str, ...] = (),
+    logit_positions: Int[Array, " batch"] | None = None,
+    remat: bool = False,
+) -> tuple[Array, dict[str, Array]]:
+    """Run the model.
+
+    **Arguments:**
+
+    - `tokens`: int ``[batch, pos]``.
+    - `attention_mask`: optional ``[batch, pos]``, 1 for real tokens, 0 for padding (right
+      padding: positions count from 0 in every row).
+    - `interventions`: see :mod:`attrpatch.interventions`.
+    - `cache_keys`: site keys to return (block keys come back stacked ``[n_layers, ...]``).
+    - `logit_positions`: if given, unembed only these positions (``[batch]``), giving
+      logits ``[batch, d_vocab]`` instead of ``[batch, pos, d_vocab]`` (and
+      ``ln_final.hook_normalized`` of shape ``[batch, d_model]``).
+    - `remat`: rematerialise each block in the backward pass (`jax.checkpoint`).
+
+    **Returns:** `(logits, cache)`.
+    """
+    batch, n_pos = tokens.shape
+    cache = {}
+
+    def global_hook(name, x):
+        x = site(name, x, interventions)
+        if name in cache_keys:
+            cache[name] = x
+        return x
+
+    resid = embed(params, cfg, tokens, global_hook)
+    positions = jnp.broadcast_to(jnp.arange(n_pos), (batch, n_pos))
+    real = None if attention_mask is None else attention_mask > 0
+    keys = block_keys(cfg)
+    layer_iv = interventions.layer_slice(frozenset(keys))
+    wanted = tuple(k for k in keys if k in cache_keys)
+
+    def step(resid, xs):
+        p, consts, iv = xs
+        keep = keep_mask(positions, positions, consts["window"], real)
+        attend = lambda q, k, v, hook: mix(q, k, v, keep, consts["scale"], cfg, hook)
+        resid, acts = block(p, cfg, resid, positions, iv, attend)
+        return resid, {k: acts[k] for k in wanted}
+
+    if remat:
+        step = jax.checkpoint(step)
+    resid, stacked = jax.lax.scan(step, resid, (params["blocks"], layer_constants(cfg), layer_iv))
+    cache |= stacked
+    if logit_positions is not None:
+        resid = resid[jnp.arange(batch), logit_positions]
+    normalized = global_hook("ln_final.hook_normalized", final_norm(params, cfg, resid))
+    return unembed(params, cfg, normalized), cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Random initialisation (training and benchmarks)
+
+
+def init_params(cfg: ModelConfig, key: Array, dtype=jnp.float32) -> dict:
+    """GPT-2-style random initialisation: normal(0, 0.02) weights (outputs scaled by
+    ``1/sqrt(2 L)``), zero biases, unit norm weights; only the keys `cfg` implies."""
+    L, d, H, K, dh, dm = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.d_head, cfg.d_mlp
+    keys = iter(jax.random.split(key, 12))
+    normal = lambda shape, std=0.02: std * jax.random.normal(next(keys), shape, dtype)
+    ones, zeros = (lambda *s: jnp.ones(s, dtype)), (lambda *s: jnp.zeros(s, dtype))
+    out_std = 0.02 / math.sqrt(2 * L)
+    layernorm = cfg.norm == "layernorm"
+    blocks = {"ln1_w": ones(L, d), "W_Q": normal((L, d, H, dh)), "W_K": normal((L, d, K, dh)),
+              "W_V": normal((L, d, K, dh)), "W_O": normal((L, H, dh, d), out_std)}
+    if layernorm:
+        blocks["ln1_b"] = zeros(L, d)
+    if cfg.qkv_bias:
+        blocks |= {"b_Q": zeros(L, H, dh), "b_K": zeros(L, K, dh), "b_V": zeros(L, K, dh)}
+    if cfg.attn_out_bias:
+        blocks["b_O"] = zeros(L, d)
+    if cfg.post_norms:
+        blocks["ln1_post_w"] = ones(L, d)
+    if not cfg.attn_only:
+        blocks |= {"ln2_w": ones(L, d), "W_in": normal((L, d, dm)), "W_out": normal((L, dm, d), out_std)}
+        if layernorm:
+            blocks["ln2_b"] = zeros(L, d)
+        if cfg.gated_mlp:
+            blocks["W_gate"] = normal((L, d, dm))
+        if cfg.mlp_bias:
+            blocks |= {"b_in": zeros(L, dm), "b_out": zeros(L, d)}
+            if cfg.gated_mlp:
+                blocks["b_gate"] = zeros(L, dm)
+        if cfg.post_norms:
+            blocks["ln2_post_w"] = ones(L, d)
+    W_E = normal((cfg.d_vocab, d))
+    params = {"W_E": W_E, "blocks": blocks, "ln_f_w": ones(d),
+              "W_U": W_E.T if cfg.tie_word_embeddings else normal((d, cfg.d_vocab))}
+    if cfg.positions == "learned":
+        params["W_pos"] = normal((cfg.n_ctx, d), 0.01)
+    if layernorm:
+        params["ln_f_b"] = zeros(d)
+    return params
