@@ -1,8 +1,8 @@
 """attrpatch: attribution patching and exact activation patching in JAX, validated against each other."""
 
+from attrpatch.arch import ModelConfig
 from attrpatch.attribution import attribute
 from attrpatch.data import load_task
-from attrpatch.arch import ModelConfig
 from attrpatch.interventions import Interventions, Patch
 from attrpatch.loading import load_model, save_model
 from attrpatch.model import Model

@@ -5,7 +5,8 @@ AtP estimates the metric change as ``(a_source - a_base) . dMetric/da``, the gra
 the base run (Nanda 2023). One jitted computation does everything: a source forward caching
 the requested sites, and one base forward + backward with respect to zero-valued deltas added
 at every requested site (`Interventions(delta=...)`), never one backward per site. Only the
-answer positions are unembedded.
+answer positions are unembedded. Activation differences before a prompt's first differing token
+are exactly zero by causality and are set so (not left to rounding).
 
 Numerical notes: AtP is exact for sites whose path to the metric is linear (and for a model made
 linear); elsewhere it is a tangent-line estimate that can miss saturation (softmax, LayerNorm,
@@ -33,6 +34,7 @@ from attrpatch.results import (
     check_granularities,
     reduce_to_grid,
 )
+from attrpatch.sites import site_axes
 from attrpatch.task import MetricFn, MetricReference, Task, check_reference, resolve_metric
 
 
@@ -68,8 +70,18 @@ def _atp(model, task, keys, granularities, direction, metric_fn, per_prompt, rem
     (grads,) = pullback(logit_grad)
 
     values, prompts = {}, {}
+    # Causality: before a prompt's first differing token both runs are the same computation, so
+    # their activations differ only by compilation (the base run is differentiated, the source
+    # run not): the difference there is exactly zero, as in exact patching.
+    differ = base_tokens != source_tokens
+    first = jnp.where(differ.any(1), differ.argmax(1), base_tokens.shape[1])  # [batch]
+    changed = jnp.arange(base_tokens.shape[1])[None] >= first[:, None]  # [batch, pos]
     for key in keys:
         diff = source_cache[key].astype(dtypes[key]) - base_cache[key].astype(dtypes[key])
+        axes = site_axes(key)  # the cache adds a leading layer axis
+        shape = [1] * diff.ndim
+        shape[1], shape[1 + axes.index("pos" if "pos" in axes else "query_pos")] = changed.shape
+        diff = jnp.where(changed.reshape(shape), diff, 0)
         product = diff * grads[key]
         for g in granularities:
             if GRANULARITIES[g][0] == key:

@@ -160,14 +160,13 @@ def token_strings(model_dir, task) -> list[str] | None:
     if model_dir is None or not (Path(model_dir) / "tokenizer.json").is_file():
         return None
     try:
-        from attrpatch.tokenizer import load_tokenizer
+        from attrpatch.tokenizer import display_token, load_tokenizer
 
         tok = load_tokenizer(model_dir)
     except (ImportError, OSError, ValueError):
         return None
     ids = np.asarray(task.clean_tokens[0]).tolist()
-    return [(tok.id_to_token(i) or str(i)).replace("\u0120", " ").replace("\u010a", "\\n")
-            for i in ids]
+    return [display_token(tok.id_to_token(i) or str(i)) for i in ids]
 
 
 def _versions() -> dict:

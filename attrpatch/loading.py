@@ -109,7 +109,8 @@ def save_model(model: Model, path: str | os.PathLike, extra_files: dict[str, str
     try:
         config = convert.config_to_hf(model.config)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(convert.params_to_hf(model.params, model.config),
+        tensors = convert.params_to_hf(model.params, model.config)
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                   str(staging / "model.safetensors"), metadata={"format": "pt"})
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)

@@ -193,8 +193,8 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
                    cfg, gran, metric_fn, row_local):
     """Metric ``[V, batch]``: each slot's variant patched into `layer`, for every prompt.
 
-    - `base`: the base run's ``hook_resid_pre``, ``attn.hook_k``, ``attn.hook_v``,
-      ``attn.hook_z`` (``[n_layers, batch, pos, ...]``).
+    - `base`: the base run's sites from :func:`_engine_keys` (layer inputs, the keys and values
+      mixing reads, z; ``[n_layers, batch, pos, ...]``).
     - `source`: the site's source activation in `layer` (``[batch or 1, ...]``).
     - `keep`: attention keep-mask ``[batch, 1, pos, pos]``; `chunk`: :class:`_PackedRows`.
     - `row_local`: each variant patches one position of a site after attention mixing: the
@@ -286,7 +286,8 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
             base run's keys and values (a query patch leaves this layer's as they were): each
             prompt is a batch row whose V query rows are its runs' patched positions."""
             qs = q[:, 0].reshape(V, B, *q.shape[2:]).swapaxes(0, 1)  # [B, V, head, d_head]
-            row_keep = layer_keep(layer)[jnp.arange(B)[:, None], 0, idx[None, :, 0]][:, None]  # [B, 1, V, pos]
+            rows = (jnp.arange(B)[:, None], 0, idx[None, :, 0])
+            row_keep = layer_keep(layer)[rows][:, None]  # [B, 1, V, pos]
             z = T.mix(qs, at(base[k_key], layer), at(base[v_key], layer), row_keep,
                       consts["scale"][layer], cfg, hook)
             return z.swapaxes(0, 1).reshape(runs, 1, *z.shape[2:])

@@ -6,13 +6,15 @@ an exact effect for the same granularity have the same shape and line up one to 
 | granularity | site | axes | one component is |
 | --- | --- | --- | --- |
 | ``resid_pre/mid/post``, ``attn_out``, ``mlp_out`` | ``hook_<name>`` | ``layer pos`` | one position |
-| ``z``, ``q``, ``k``, ``v`` | ``attn.hook_<name>`` | ``layer head`` | one head at every position (k, v: one kv head) |
+| ``z``, ``q``, ``k``, ``v`` | ``attn.hook_<name>`` | ``layer head`` | one head at every position (*) |
 | ``z_by_pos``, ``q_by_pos``, ... | ``attn.hook_<name>`` | ``layer pos head`` | one head at one position |
 | ``pattern`` | ``attn.hook_pattern`` | ``layer head`` | one head's whole pattern |
 | ``pattern_by_query`` | ``attn.hook_pattern`` | ``layer head query_pos`` | one row of a pattern |
 | ``pattern_by_entry`` | ``attn.hook_pattern`` | ``layer head query_pos key_pos`` | one entry of a pattern |
 | ``post`` | ``mlp.hook_post`` | ``layer neuron`` | one neuron at every position |
 | ``post_by_pos`` | ``mlp.hook_post`` | ``layer pos neuron`` | one neuron at one position |
+
+(*) For ``k`` and ``v`` grids the ``head`` axis counts key/value heads (grouped-query models).
 
 Effects are in metric units: metric(base run with the patch) - metric(base run), where the base
 run is the corrupted one for ``denoise`` (clean activations patched in) and the clean one for

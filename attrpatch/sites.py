@@ -144,3 +144,16 @@ def site_table_markdown() -> str:
     shape, meaning = GLOBAL_SITE_TABLE["ln_final.hook_normalized"]
     rows.append(f"| `ln_final.hook_normalized` | `[{shape}]` | {meaning} |")
     return "\n".join(rows)
+
+
+def family_sites_markdown(configs: dict) -> str:
+    """Which of the sites that differ between architectures each config has, as Markdown
+    (`configs`: column label -> model config), for the README."""
+    keys = [*GLOBAL_SITE_TABLE, *BLOCK_SITE_TABLE]
+    has = {label: set(global_keys(cfg)) | set(block_keys(cfg)) for label, cfg in configs.items()}
+    varying = [k for k in keys if len({k in h for h in has.values()}) > 1]
+    rows = ["| site | " + " | ".join(configs) + " |", "|" + " --- |" * (len(configs) + 1)]
+    for k in varying:
+        name = k if k in GLOBAL_SITE_TABLE else f"blocks.{{l}}.{k}"
+        rows.append(f"| `{name}` | " + " | ".join("yes" if k in has[c] else "-" for c in configs) + " |")
+    return "\n".join(rows)

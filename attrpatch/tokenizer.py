@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,3 +42,15 @@ def word_level_tokenizer(words: Sequence[str], unk: str = "<unk>") -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens([w for w in words if w.startswith("<") and w.endswith(">")])
     return tok
+
+
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def display_token(token: str) -> str:
+    """A vocabulary entry as text for labels: GPT-2's byte-level space ``Ġ`` and newline ``Ċ``,
+    SentencePiece's word boundary ``▁`` and byte-fallback tokens (``<0x0A>``) made readable."""
+    byte = _BYTE_TOKEN.match(token)
+    if byte:
+        return repr(chr(int(byte.group(1), 16)))[1:-1]
+    return token.replace("\u0120", " ").replace("\u2581", " ").replace("\u010a", "\\n")

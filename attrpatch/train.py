@@ -2,6 +2,7 @@
 
     python -m attrpatch.train induction --out models/attn-only-2l-induction
     python -m attrpatch.train ioi --out models/ioi-gpt2-4l
+    python -m attrpatch.train ioi-llama --out models/ioi-llama-4l
     python -m attrpatch.train card models/ioi-gpt2-4l   # recompute the card, no training
 
 Each run writes a checkpoint `attrpatch.load_model` reads, plus ``tokenizer.json`` (word-level),
@@ -21,6 +22,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +30,10 @@ import numpy as np
 import optax
 
 from attrpatch import tasks
-from attrpatch.atomic import atomic_write
-from attrpatch.attribution import attribute
 from attrpatch.arch.config import ModelConfig
 from attrpatch.arch.transformer import init_params
+from attrpatch.atomic import atomic_write
+from attrpatch.attribution import attribute
 from attrpatch.interventions import Interventions
 from attrpatch.loading import load_model, save_model
 from attrpatch.model import Model, _forward
@@ -375,6 +377,14 @@ INDUCTION_RECIPE = dict(steps=3000, lr=1e-3, seed=0, warmup=100, batch=64)
 IOI_CFG = ModelConfig(n_layers=4, d_model=128, n_heads=4, d_mlp=512, n_ctx=16,
                      d_vocab=len(tasks.TOY_IOI_WORDS))
 IOI_RECIPE = dict(steps=1200, lr=1e-3, seed=0, warmup=100, batch=64)
+# The same task on the Llama architecture: RMSNorm, rotary positions, grouped-query attention
+# (4 query heads sharing 2 kv heads), SwiGLU MLP, no biases, untied unembedding. d_mlp 344 gives
+# its three MLP matrices about the parameters of GPT-2's two at 512.
+IOI_LLAMA_CFG = ModelConfig(n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, d_mlp=344, n_ctx=16,
+                            d_vocab=len(tasks.TOY_IOI_WORDS), architecture="llama", norm="rmsnorm",
+                            norm_eps=1e-6, positions="rotary", gated_mlp=True, act_fn="silu",
+                            qkv_bias=False, attn_out_bias=False, mlp_bias=False,
+                            tie_word_embeddings=False)
 FACTS = ("train_seconds", "final_loss", "recipe")
 
 
@@ -506,9 +516,21 @@ IOI_POS = ["bos", "opener", "N1", "and", "N2", "move", "move", "move", "place", 
 IOI_TASK_ARGS = dict(n_prompts=64, seed=0, split="test", corruption="abc")
 
 
+_IOI_ARCHITECTURES = {
+    "gpt2": "A 4-layer GPT-2 (attention + MLP blocks, pre-LayerNorm, GELU, learned positions, "
+            "tied embeddings)",
+    "llama": "A 4-layer Llama-architecture transformer (RMSNorm, rotary positions, grouped-query "
+             "attention with 4 query heads sharing 2 key/value heads, SwiGLU MLP, no biases, "
+             "untied unembedding)",
+}
+
+
 def ioi_files(model: Model, facts: dict) -> tuple[dict[str, str], dict]:
-    """Evaluate the IOI model: ``(files, metrics)`` as :func:`induction_files`."""
+    """Evaluate an IOI model: ``(files, metrics)`` as :func:`induction_files`."""
     cfg, rc = model.config, facts["recipe"]
+    which = next(w for w, m in MODELS.items()
+                 if m.task == "toy_ioi" and m.config.architecture == cfg.architecture)
+    name = MODELS[which].directory
     train_s, final_loss = facts["train_seconds"], facts["final_loss"]
     task_args = IOI_TASK_ARGS
     task = tasks.toy_ioi_task(**task_args)
@@ -566,16 +588,16 @@ def ioi_files(model: Model, facts: dict) -> tuple[dict[str, str], dict]:
                    attention_to_io=to_io.round(3).tolist(), attention_to_s1=to_s1.round(3).tolist(),
                    attention_to_s2=to_s2.round(3).tolist(),
                    atp_vs_exact=validation)
-    card = f"""# ioi-gpt2-4l
+    card = f"""# {name}
 
-A 4-layer GPT-2 (attention + MLP blocks, pre-LayerNorm, GELU) trained from scratch on templated
+{_IOI_ARCHITECTURES[cfg.architecture]} trained from scratch on templated
 indirect-object-identification (IOI) sentences over a small word-level vocabulary. It is the
 demo's default model: small enough to patch exhaustively on a laptop, with a sparse, measurable
 circuit (not the same circuit as GPT-2 small's; see the evidence below).
 
 ## Architecture
 
-`{json.dumps(dataclasses.asdict(cfg))}` ({_n_params(model):,} parameters, tied embeddings).
+`{json.dumps(dataclasses.asdict(cfg))}` ({_n_params(model):,} parameters).
 Vocabulary ({cfg.d_vocab} words, `tokenizer.json`, WordLevel + whitespace pre-tokenizer):
 `<bos>` `<pad>` `<unk>`, template words, {len(tasks.TOY_NAMES)} names, {len(tasks.TOY_PLACES)} places,
 {len(tasks.TOY_OBJECTS)} objects (`attrpatch.tasks.TOY_IOI_WORDS`).
@@ -594,7 +616,7 @@ held-out prompts combine them in ways never trained on.
 Next-token cross-entropy over every position, plus the IO-answer position weighted so it is half
 of the loss. AdamW (weight decay 0.01), lr {rc['lr']}, {rc['warmup']} warmup steps, cosine decay,
 gradient clipping 1, batch {rc['batch']}, {rc['steps']} steps, seed {rc['seed']}. Reproduce:
-`python -m attrpatch.train ioi --out models/ioi-gpt2-4l` ({train_s:.0f} s of training on this
+`python -m attrpatch.train {which} --out models/{name}` ({train_s:.0f} s of training on this
 2-core CPU shared with other jobs; final loss {final_loss:.3f}, against a floor of about
 {_ioi_loss_floor(rc):.3f} set by the randomly drawn words: template, names, order, place, object).
 
@@ -657,14 +679,28 @@ to S2
     }, metrics
 
 
-# which -> (config, recipe, batches(recipe), files(model, facts), task name in attrpatch_task.json)
+class ShippedModel(NamedTuple):
+    """How one shipped model is made: its architecture, training recipe and data, the card
+    writer, the task named in its ``attrpatch_task.json``, and its folder under ``models/``."""
+
+    config: ModelConfig
+    recipe: dict
+    batches: Callable[[ModelConfig, dict], Callable[[np.random.Generator], Batch]]
+    files: Callable[[Model, dict], tuple[dict[str, str], dict]]
+    task: str
+    directory: str
+
+
+def _ioi_data(cfg: ModelConfig, rc: dict):
+    return ioi_batches(rc["batch"], rc.get("answer_weight", 1.0))
+
+
 MODELS = {
-    "induction": (INDUCTION_CFG, INDUCTION_RECIPE,
-                  lambda cfg, rc: induction_batches(cfg.d_vocab, cfg.n_ctx, rc["batch"]),
-                  induction_files, "induction"),
-    "ioi": (IOI_CFG, IOI_RECIPE,
-            lambda cfg, rc: ioi_batches(rc["batch"], rc.get("answer_weight", 1.0)),
-            ioi_files, "toy_ioi"),
+    "induction": ShippedModel(INDUCTION_CFG, INDUCTION_RECIPE,
+                              lambda cfg, rc: induction_batches(cfg.d_vocab, cfg.n_ctx, rc["batch"]),
+                              induction_files, "induction", "attn-only-2l-induction"),
+    "ioi": ShippedModel(IOI_CFG, IOI_RECIPE, _ioi_data, ioi_files, "toy_ioi", "ioi-gpt2-4l"),
+    "ioi-llama": ShippedModel(IOI_LLAMA_CFG, IOI_RECIPE, _ioi_data, ioi_files, "toy_ioi", "ioi-llama-4l"),
 }
 
 
@@ -672,7 +708,7 @@ def write_checkpoint(which: str, model: Model, out: Path, facts: dict,
                      weights: bool = True) -> dict:
     """Compute the evidence for `model` and write its card, metrics, tokenizer and task file
     (and, with `weights`, the whole checkpoint) to `out`; returns the metrics."""
-    files, metrics = MODELS[which][3](model, facts)
+    files, metrics = MODELS[which].files(model, facts)
     if weights:
         save_model(model, out, extra_files=files)
     else:
@@ -685,8 +721,8 @@ def build(which: str, out: Path, steps: int | None = None, config: ModelConfig |
           log: Callable[[str], None] | None = print, **recipe) -> dict:
     """Train model `which` ("induction" or "ioi") from scratch, evaluate and save it with its
     card to `out`; `steps`, `config` and `recipe` override the defaults. Returns the metrics."""
-    cfg, default, batches, _, _ = MODELS[which]
-    cfg = config or cfg
+    shipped = MODELS[which]
+    cfg, default, batches = config or shipped.config, shipped.recipe, shipped.batches
     rc = dict(default) | recipe
     rc["steps"] = steps or rc["steps"]
     t0 = time.perf_counter()
@@ -697,32 +733,24 @@ def build(which: str, out: Path, steps: int | None = None, config: ModelConfig |
     return write_checkpoint(which, model, Path(out), facts)
 
 
-def build_induction(out: Path, steps: int | None = None, **recipe) -> dict:
-    """Train, evaluate and save the attention-only induction model; returns the metrics."""
-    return build("induction", out, steps, **recipe)
-
-
-def build_ioi(out: Path, steps: int | None = None, **recipe) -> dict:
-    """Train, evaluate and save the 4-layer IOI model; returns the metrics."""
-    return build("ioi", out, steps, **recipe)
-
-
 def card(path: str | Path) -> dict:
     """Rewrite the card, metrics, tokenizer and task file of a checkpoint this module trained,
     recomputing all evidence from its weights (unchanged) and keeping the training facts
     (time, final loss, recipe) from its ``metrics.json``. Returns the metrics."""
     path = Path(path)
     name = tasks.task_spec(path)["task"]
-    which = next((w for w, m in MODELS.items() if m[4] == name), None)
+    model = load_model(path)
+    which = next((w for w, m in MODELS.items()
+                  if m.task == name and m.config.architecture == model.config.architecture), None)
     if which is None:
-        raise ValueError(f"{path}: task {name!r} is not one this module trains "
-                         f"({', '.join(m[4] for m in MODELS.values())})")
+        raise ValueError(f"{path}: a {model.config.architecture} model with task {name!r} is not one "
+                         f"this module trains ({', '.join(sorted({m.task for m in MODELS.values()}))})")
     old = json.loads((path / "metrics.json").read_text())
     missing = [k for k in FACTS[:2] if k not in old]
     if missing:
         raise ValueError(f"{path}/metrics.json lacks the training facts {missing}")
-    facts = {k: old[k] for k in FACTS[:2]} | {"recipe": old.get("recipe", dict(MODELS[which][1]))}
-    return write_checkpoint(which, load_model(path), path, facts, weights=False)
+    facts = {k: old[k] for k in FACTS[:2]} | {"recipe": old.get("recipe", dict(MODELS[which].recipe))}
+    return write_checkpoint(which, model, path, facts, weights=False)
 
 
 def main(argv=None) -> None:

@@ -20,10 +20,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from attrpatch.atomic import atomic_write_json
-from attrpatch.attribution import attribute
 from attrpatch.arch import ModelConfig
 from attrpatch.arch.transformer import init_params
+from attrpatch.atomic import atomic_write_json
+from attrpatch.attribution import attribute
 from attrpatch.model import Model
 from attrpatch.task import Task
 

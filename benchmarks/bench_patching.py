@@ -1,13 +1,18 @@
-"""Exact patching engine vs a naive "one full jitted forward per patch" loop, GPT-2-small shape.
+"""Exact patching engine vs a naive "one full jitted forward per patch" loop, per family, at the
+GPT-2-small size.
 
-Random GPT-2-small-shaped model (12 layers, d_model 768, 12 heads, vocab 50257), 8 IOI-shaped
+Random models of each family at GPT-2 small's size (12 layers, d_model 768, 12 heads, vocab
+50257): ``gpt2`` as GPT-2 small; ``llama`` with RMSNorm, rotary, 4 kv heads and a SwiGLU MLP of
+width 2048 (three matrices with the parameters of GPT-2's two at 3072), untied. 8 IOI-shaped
 prompts x 15 tokens with ABC corruption (names at positions 2, 4, 10 differ). Times the resid_pre,
 z and z_by_pos grids (denoise, logit diff) and the naive loop (measured on a sample of patches,
 extrapolated to the full grid; the naive forward also unembeds only the answer position, so the
-ratio credits only the engine's other tricks). Prints a table; writes
-``benchmarks/results/patching.json`` atomically.
+ratio credits only the engine's other tricks). *Efficiency* is the FLOPs exact recomputation
+needs (`needed_flops`) per second, as a share of the jitted matmul rate measured in the same run.
+Prints a table; writes ``benchmarks/results/patching.json`` atomically.
 
-Usage: ``python benchmarks/bench_patching.py [--zbp-layers 0,6,11] [--naive-samples 6]``
+Usage: ``python benchmarks/bench_patching.py [--families gpt2,llama] [--zbp-layers 0,6,11]
+[--naive-samples 6]``
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from attrpatch import Interventions, Model, Patch, Task
-from attrpatch.atomic import atomic_write_json
 from attrpatch.arch import ModelConfig
 from attrpatch.arch.transformer import init_params
+from attrpatch.atomic import atomic_write_json
 from attrpatch.patching import patch
 from attrpatch.task import METRICS, MetricReference
 
@@ -48,10 +53,31 @@ def ioi_task(batch=8, n_pos=15, vocab=50257, seed=0) -> Task:
     return Task(np.array(clean), np.array(corrupt), np.array(io), np.array(s))
 
 
+FAMILIES = {
+    "gpt2": ModelConfig(n_layers=12, d_model=768, n_heads=12, d_mlp=3072, n_ctx=1024, d_vocab=50257),
+    "llama": ModelConfig(n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, d_mlp=2048, n_ctx=1024,
+                         d_vocab=50257, architecture="llama", norm="rmsnorm", positions="rotary",
+                         gated_mlp=True, act_fn="silu", qkv_bias=False, attn_out_bias=False,
+                         mlp_bias=False, tie_word_embeddings=False),
+}
+
+
+def kv_flops(cfg):
+    """Multiply-add FLOPs of one position's keys and values."""
+    return 2 * 2 * cfg.d_model * cfg.kv_heads * cfg.d_head
+
+
+def after_attention_flops(cfg):
+    """W_O and the MLP at one position."""
+    matrices = 3 if cfg.gated_mlp else 2
+    return 2 * (cfg.n_heads * cfg.d_head * cfg.d_model + matrices * cfg.d_model * cfg.d_mlp)
+
+
 def flops_per_token_layer(cfg, n_keys):
     """Multiply-add FLOPs of one block for one query position attending over `n_keys` keys."""
-    d, dm = cfg.d_model, cfg.d_mlp
-    return 2 * (4 * d * d + 2 * d * dm) + 2 * 2 * n_keys * d
+    queries = 2 * cfg.d_model * cfg.n_heads * cfg.d_head
+    mixing = 2 * 2 * n_keys * cfg.n_heads * cfg.d_head
+    return queries + kv_flops(cfg) + mixing + after_attention_flops(cfg)
 
 
 def needed_flops(cfg, task, gran, layers):
@@ -65,7 +91,7 @@ def needed_flops(cfg, task, gran, layers):
     patches in layer 0 where clean and corrupt tokens agree, and by-position head patches in the
     last layer away from the answer, are inert and not run."""
     L, H, d = cfg.n_layers, cfg.n_heads, cfg.d_model
-    after_attention = 2 * (d * d + 2 * d * cfg.d_mlp)  # W_O and the MLP, one position
+    after_attention = after_attention_flops(cfg)
     differs = np.asarray(task.clean_tokens) != np.asarray(task.corrupt_tokens)
     total = 0.0
     for b, (fd, ans) in enumerate(zip(task.first_diff_positions, task.answer_positions, strict=True)):
@@ -73,7 +99,7 @@ def needed_flops(cfg, task, gran, layers):
             return sum(flops_per_token_layer(cfg, q + 1) for q in range(s, a + 1))
 
         def tail(s, a=int(ans)):  # the last block: keys and values at s..ans, the rest at ans
-            return (a + 1 - s) * 2 * 2 * d * d + flops_per_token_layer(cfg, a + 1)
+            return (a + 1 - s) * kv_flops(cfg) + flops_per_token_layer(cfg, a + 1)
 
         for layer in layers:
             starts = [int(fd)] if gran == "z" else range(int(fd), int(ans) + 1)
@@ -137,23 +163,13 @@ def naive_time(model, task, gran, samples):
     return (time.perf_counter() - t) / samples, compile_s
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zbp-layers", default="0,6,11",
-                    help="layers of the z_by_pos grid to run (extrapolated by FLOPs), or 'all'")
-    ap.add_argument("--naive-samples", type=int, default=6)
-    ap.add_argument("--batch-size", type=int, default=32)
-    args = ap.parse_args()
-
-    cfg = ModelConfig(n_layers=12, d_model=768, n_heads=12, d_mlp=3072, n_ctx=1024, d_vocab=50257)
+def run_family(name, args, task, zbp_layers):
+    """Rows of the table for one family (engine and naive loop on the same model and prompts)."""
+    cfg = FAMILIES[name]
     model = Model(cfg, init_params(cfg, jax.random.PRNGKey(0)))
-    task = ioi_task()
-    rate = matmul_rate()
     fwd_flops = cfg.n_layers * task.batch * sum(
         flops_per_token_layer(cfg, i + 1) for i in range(task.n_pos)
     ) + 2 * task.batch * cfg.d_model * cfg.d_vocab
-    zbp_layers = list(range(12)) if args.zbp_layers == "all" else [
-        int(x) for x in args.zbp_layers.split(",")]
     grids = {
         "resid_pre": (12 * task.n_pos, list(range(12))),
         "z": (12 * 12, list(range(12))),
@@ -173,39 +189,57 @@ def main():
         ours = time.perf_counter() - t
         assert np.isfinite(res[gran][layers]).all()
         flops = needed_flops(cfg, task, gran, layers)
-        compile_s = cold - ours
         full_flops = needed_flops(cfg, task, gran, range(12))
         ours_full = ours * full_flops / flops
         per_fwd, naive_compile = naive_time(model, task, gran, args.naive_samples)
         naive_full = per_fwd * n_patches
         rows.append(dict(
-            granularity=gran, patches=n_patches, layers_run=layers,
-            ours_s=ours, ours_full_grid_s=ours_full, ours_compile_s=compile_s,
+            family=name, granularity=gran, patches=n_patches, layers_run=layers,
+            ours_s=ours, ours_full_grid_s=ours_full, ours_compile_s=cold - ours,
             naive_s_per_patch=per_fwd, naive_full_grid_s=naive_full, naive_compile_s=naive_compile,
             speedup=naive_full / ours_full, engine_gflop=flops / 1e9,
             engine_gflops_per_s=flops / ours / 1e9, naive_gflops_per_s=fwd_flops / per_fwd / 1e9,
             flop_ratio_naive_over_engine=n_patches * fwd_flops / full_flops,
+            naive_forward_gflop=fwd_flops / 1e9,
         ))
-        print(f"{gran}: done", flush=True)
+        print(f"{name} {gran}: done", flush=True)
+    return rows
 
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--families", default="gpt2,llama", help=f"comma-separated: {', '.join(FAMILIES)}")
+    ap.add_argument("--zbp-layers", default="0,6,11",
+                    help="layers of the z_by_pos grid to run (extrapolated by FLOPs), or 'all'")
+    ap.add_argument("--naive-samples", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+
+    task = ioi_task()
+    rate = matmul_rate()
+    zbp_layers = list(range(12)) if args.zbp_layers == "all" else [
+        int(x) for x in args.zbp_layers.split(",")]
+    rows = [r for name in args.families.split(",") for r in run_family(name, args, task, zbp_layers)]
     rate_after = matmul_rate()  # the machine is shared: the rate moves with its load
-    print(f"\njitted matmul rate: {rate:.1f} GFLOP/s before, {rate_after:.1f} after; one naive "
-          f"forward = {fwd_flops / 1e9:.2f} GFLOP\n")
-    head = ("grid", "patches", "ours s", "compile s", "naive s", "speedup", "FLOP ratio",
-            "ours GFLOP/s", "naive GFLOP/s")
+    mean_rate = (rate + rate_after) / 2
+    for r in rows:
+        r["efficiency"] = r["engine_gflops_per_s"] / mean_rate
+    print(f"\njitted matmul rate: {rate:.1f} GFLOP/s before, {rate_after:.1f} after\n")
+    head = ("family", "grid", "patches", "ours s", "compile s", "naive s", "speedup", "FLOP ratio",
+            "ours GFLOP/s", "efficiency")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         ext = "" if len(r["layers_run"]) == 12 else "*"
-        print(f"| {r['granularity']} | {r['patches']} | {r['ours_full_grid_s']:.2f}{ext} | "
+        print(f"| {r['family']} | {r['granularity']} | {r['patches']} | {r['ours_full_grid_s']:.2f}{ext} | "
               f"{r['ours_compile_s']:.1f} | {r['naive_full_grid_s']:.1f} | {r['speedup']:.1f}x | "
               f"{r['flop_ratio_naive_over_engine']:.1f}x | {r['engine_gflops_per_s']:.1f} | "
-              f"{r['naive_gflops_per_s']:.1f} |")
+              f"{100 * r['efficiency']:.0f}% |")
     print(f"* extrapolated from layers {zbp_layers} by FLOPs. Compile = first call minus second; "
-          f"naive extrapolated from {args.naive_samples} patches per grid.")
+          f"naive extrapolated from {args.naive_samples} patches per grid. Efficiency = needed "
+          "GFLOP/s over the mean of the two matmul rates.")
     out = dict(device=str(jax.devices()[0]), matmul_gflops_per_s=rate,
-               matmul_gflops_per_s_after=rate_after,
-               naive_forward_gflop=fwd_flops / 1e9, batch=task.batch, n_pos=task.n_pos,
+               matmul_gflops_per_s_after=rate_after, batch=task.batch, n_pos=task.n_pos,
                batch_size=args.batch_size, rows=rows)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "patching.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)

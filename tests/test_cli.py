@@ -353,3 +353,10 @@ def test_load_task_checks_model(ckpt, npz_data):
     assert task.clean_tokens.shape == (3, 6)
     with pytest.raises(DataError, match="does not exist"):
         load_task(ckpt / "missing.npz")
+
+
+def test_token_labels_read_byte_level_and_sentencepiece_tokens():
+    from attrpatch.tokenizer import display_token
+
+    assert [display_token(t) for t in ("\u0120Mary", "\u2581Mary", "<0x0A>", "\u010a", "to")] == [
+        " Mary", " Mary", "\\n", "\\n", "to"]

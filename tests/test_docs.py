@@ -56,3 +56,28 @@ def test_notebook_executes(notebook):
     cells = json.loads(notebook.read_text())["cells"]
     code = "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     _run_in_repo_root(code)  # any cell that raises fails the test
+
+
+def test_readme_family_site_table_is_derived_from_the_configs():
+    """The per-family site table, from configs converted from `transformers`' own configs."""
+    import transformers
+    from families import FAMILIES
+
+    from attrpatch.arch import CONVERTERS
+    from attrpatch.sites import family_sites_markdown
+
+    def converted(config_cls, **kwargs):
+        raw = getattr(transformers, config_cls)(**kwargs).to_dict()
+        return CONVERTERS[raw["model_type"]].config_from_hf(raw)
+
+    families = {name: converted(cls, **kwargs) for name, (cls, _, kwargs) in FAMILIES.items()}
+    columns = {
+        "GPT-2": converted("GPT2Config", n_layer=2, n_embd=32, n_head=4),
+        "GPT-NeoX (parallel)": families["gpt_neox-parallel-partial-rotary"],
+        "GPT-NeoX (sequential)": families["gpt_neox-sequential"],
+        "Llama, Mistral, Qwen2, Gemma, Gemma 2": families["llama-gqa-llama3-rope"],
+    }
+    for name in ("mistral-window", "qwen2-biases-window", "gemma-mqa", "gemma2-softcap-window"):
+        assert family_sites_markdown({"a": families[name]}) == family_sites_markdown(
+            {"a": columns["Llama, Mistral, Qwen2, Gemma, Gemma 2"]}), name
+    assert family_sites_markdown(columns) in README

@@ -13,6 +13,7 @@ from attrpatch.arch import ModelConfig
 MODELS = Path(__file__).resolve().parent.parent / "models"
 INDUCTION = MODELS / "attn-only-2l-induction"
 IOI = MODELS / "ioi-gpt2-4l"
+IOI_LLAMA = MODELS / "ioi-llama-4l"
 
 
 def test_training_reduces_loss_and_is_deterministic():
@@ -66,7 +67,7 @@ def _answer_stats(model, task):
     return acc, take(task.correct_tokens) - take(task.incorrect_tokens)
 
 
-@pytest.mark.parametrize("path", [INDUCTION, IOI], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [INDUCTION, IOI, IOI_LLAMA], ids=lambda p: p.name)
 def test_shipped_model_files(path):
     for name in ("config.json", "model.safetensors", "README.md", "tokenizer.json",
                  tasks.TASK_FILE):
@@ -91,13 +92,16 @@ def test_shipped_induction_model():
     assert prev[0].max() > 0.3  # a previous-token head in layer 0
 
 
-def test_shipped_ioi_model():
-    model = load_model(IOI)
+@pytest.mark.parametrize("path, architecture", [(IOI, "gpt2"), (IOI_LLAMA, "llama")],
+                         ids=lambda p: getattr(p, "name", p))
+def test_shipped_ioi_model(path, architecture):
+    model = load_model(path)
+    assert model.config.architecture == architecture
     assert not model.config.attn_only and model.config.n_layers == 4
     heldout = tasks.toy_ioi_task(500, seed=321, split="test")
     acc, ld = _answer_stats(model, heldout)
     assert acc > 0.9 and ld.mean() > 2
-    default = tasks.task_for_model(IOI, n_prompts=64)
+    default = tasks.task_for_model(path, n_prompts=64)
     assert default.clean_tokens.shape == (64, 15)
     _, ld_clean = _answer_stats(model, default)
     _, ld_corrupt = _answer_stats(model, tasks.Task(default.corrupt_tokens, default.clean_tokens,
@@ -106,12 +110,13 @@ def test_shipped_ioi_model():
     assert ld_clean.mean() - abs(ld_corrupt.mean()) > 2  # ABC corruption removes the signal
 
 
-def test_shipped_card_numbers_match_the_weights():
+@pytest.mark.parametrize("path", [IOI, IOI_LLAMA], ids=lambda p: p.name)
+def test_shipped_card_numbers_match_the_weights(path):
     """The card's head-patching table is what the library's exact patching gives today."""
     import json
 
-    metrics = json.loads((IOI / "metrics.json").read_text())
-    z = train.exact_patching(load_model(IOI), tasks.task_for_model(IOI), ("z",)).normalized("z")
+    metrics = json.loads((path / "metrics.json").read_text())
+    z = train.exact_patching(load_model(path), tasks.task_for_model(path), ("z",)).normalized("z")
     np.testing.assert_allclose(z, metrics["head_patching_abc"], atol=6e-4)
     for direction in ("denoise", "noise"):
         v = metrics["atp_vs_exact"][direction]

@@ -126,4 +126,5 @@ class ModelConfig:
 
     def heads_of(self, site_key: str) -> int:
         """How many heads a site's ``head`` axis has (kv heads for keys and values)."""
-        return self.kv_heads if site_key in ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k") else self.n_heads
+        kv_sites = ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k")
+        return self.kv_heads if site_key in kv_sites else self.n_heads

@@ -203,6 +203,7 @@ def heads_in(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def heads_out(w: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`heads_in` for one layer: ``[d_model, head, d_head]`` -> ``[head * d_head, d_model]``."""
+    """Inverse of :func:`heads_in` for one layer: ``[d_model, head, d_head]`` ->
+    ``[head * d_head, d_model]``."""
     d, h, e = w.shape
     return np.moveaxis(w, 0, -1).reshape(h * e, d)

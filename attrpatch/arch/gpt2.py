@@ -97,7 +97,8 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
         h = f"transformer.h.{i}."
         out |= {
             h + "ln_1.weight": b["ln1_w"][i], h + "ln_1.bias": b["ln1_b"][i],
-            h + "attn.c_attn.weight": np.concatenate([b[k][i].reshape(d, d) for k in ("W_Q", "W_K", "W_V")], -1),
+            h + "attn.c_attn.weight": np.concatenate([b[k][i].reshape(d, d) for k in ("W_Q", "W_K", "W_V")],
+                                                     -1),
             h + "attn.c_attn.bias": np.concatenate([b[k][i].reshape(d) for k in ("b_Q", "b_K", "b_V")], -1),
             h + "attn.c_proj.weight": b["W_O"][i].reshape(d, d), h + "attn.c_proj.bias": b["b_O"][i],
         }

@@ -44,7 +44,8 @@ def _is_gemma(model_type: str) -> bool:
 def config_from_hf(raw: dict) -> ModelConfig:
     model_type = raw.get("model_type")
     c = HFConfig(raw, FAMILIES[model_type])
-    d_model, n_heads, n_layers = c.int("hidden_size"), c.int("num_attention_heads"), c.int("num_hidden_layers")
+    d_model, n_heads = c.int("hidden_size"), c.int("num_attention_heads")
+    n_layers = c.int("num_hidden_layers")
     n_kv = c.int("num_key_value_heads", n_heads)
     if n_heads % n_kv:
         raise ValueError(f"config.json: num_attention_heads={n_heads} is not a multiple of "
@@ -65,7 +66,8 @@ def config_from_hf(raw: dict) -> ModelConfig:
         fields["windows"] = read_windows(c, n_layers, window, default)
         fields |= dict(qkv_bias=True, attn_out_bias=False, mlp_bias=False)
     elif model_type == "mistral":
-        fields["windows"] = read_windows(c, n_layers, c.get("sliding_window"), ["sliding_attention"] * n_layers)
+        every = ["sliding_attention"] * n_layers
+        fields["windows"] = read_windows(c, n_layers, c.get("sliding_window"), every)
         fields |= dict(qkv_bias=False, attn_out_bias=False, mlp_bias=False)
     elif model_type == "gemma2":
         default = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
@@ -109,10 +111,15 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if mt == "qwen2":
         out |= write_windows(cfg) | {"use_sliding_window": cfg.windows is not None}
     if mt == "gemma2":
-        out |= {"query_pre_attn_scalar": round(cfg.attn_scale ** 2, 6),
+        out |= {"query_pre_attn_scalar": _integral(cfg.attn_scale ** 2),
                 "attn_logit_softcapping": cfg.attn_softcap,
                 "final_logit_softcapping": cfg.final_softcap}
     return out
+
+
+def _integral(x: float) -> int | float:
+    """`x` as an int when it is one up to rounding (HF's config classes insist on ints)."""
+    return int(round(x)) if abs(x - round(x)) < 1e-6 * max(1.0, abs(x)) else x
 
 
 def _norm_in(w: np.ndarray, gemma: bool) -> np.ndarray:

@@ -4,17 +4,17 @@ Parameters are a plain dict pytree; block weights are stacked over a leading lay
 the forward is one `lax.scan`. Which keys exist follows from the config (biases, gated MLP,
 LayerNorm biases, post-norms, learned positions):
 
-| key | shape | present |
+| key | shape | present (blank: as the row above) |
 |---|---|---|
 | ``W_E`` | ``[d_vocab, d_model]`` | always (Gemma's ``sqrt(d_model)`` folded in) |
 | ``W_pos`` | ``[n_ctx, d_model]`` | learned positions |
 | ``blocks.ln1_w`` / ``ln1_b`` | ``[L, d_model]`` | always / LayerNorm |
 | ``blocks.W_Q`` / ``b_Q`` | ``[L, d_model, head, d_head]`` / ``[L, head, d_head]`` | always / `qkv_bias` |
-| ``blocks.W_K``, ``W_V`` / ``b_K``, ``b_V`` | ``[L, d_model, kv_head, d_head]`` / ``[L, kv_head, d_head]`` | always / `qkv_bias` |
+| ``blocks.W_K``, ``W_V`` / ``b_K, b_V`` | ``[L, d_model, kv_head, d_head]`` / ``[L, kv_head, d_head]`` | |
 | ``blocks.W_O`` / ``b_O`` | ``[L, head, d_head, d_model]`` / ``[L, d_model]`` | always / `attn_out_bias` |
 | ``blocks.ln1_post_w``, ``ln2_post_w`` | ``[L, d_model]`` | `post_norms` |
 | ``blocks.ln2_w`` / ``ln2_b`` | ``[L, d_model]`` | MLPs / and LayerNorm |
-| ``blocks.W_in`` / ``b_in`` | ``[L, d_model, d_mlp]`` / ``[L, d_mlp]`` | MLPs / `mlp_bias` (gated: the up projection) |
+| ``blocks.W_in`` / ``b_in`` | ``[L, d_model, d_mlp]`` / ``[L, d_mlp]`` | MLPs / `mlp_bias` (up, if gated) |
 | ``blocks.W_gate`` / ``b_gate`` | ``[L, d_model, d_mlp]`` / ``[L, d_mlp]`` | `gated_mlp` / and `mlp_bias` |
 | ``blocks.W_out`` / ``b_out`` | ``[L, d_mlp, d_model]`` / ``[L, d_model]`` | MLPs / `mlp_bias` |
 | ``ln_f_w`` / ``ln_f_b`` | ``[d_model]`` | always / LayerNorm |
