@@ -525,6 +525,13 @@ _IOI_ARCHITECTURES = {
 }
 
 
+_IOI_ROLES = {
+    "ioi": "It is the demo's default model.",
+    "ioi-llama": "Same data and recipe as `ioi-gpt2-4l`, on another family: "
+                 "`attrpatch demo --model models/ioi-llama-4l`.",
+}
+
+
 def ioi_files(model: Model, facts: dict) -> tuple[dict[str, str], dict]:
     """Evaluate an IOI model: ``(files, metrics)`` as :func:`induction_files`."""
     cfg, rc = model.config, facts["recipe"]
@@ -591,9 +598,9 @@ def ioi_files(model: Model, facts: dict) -> tuple[dict[str, str], dict]:
     card = f"""# {name}
 
 {_IOI_ARCHITECTURES[cfg.architecture]} trained from scratch on templated
-indirect-object-identification (IOI) sentences over a small word-level vocabulary. It is the
-demo's default model: small enough to patch exhaustively on a laptop, with a sparse, measurable
-circuit (not the same circuit as GPT-2 small's; see the evidence below).
+indirect-object-identification (IOI) sentences over a small word-level vocabulary. {_IOI_ROLES[which]}
+Small enough to patch exhaustively on a laptop, with a measurable circuit (not the same circuit
+as GPT-2 small's; see the evidence below).
 
 ## Architecture
 

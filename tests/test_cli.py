@@ -246,6 +246,29 @@ def test_demo_shipped_model(tmp_path):
     assert (layer, head) == (3, 2)  # the card's finding: L3H2 is the largest head
 
 
+def test_demo_on_the_shipped_llama_model(tmp_path):
+    """`demo --model` on the Llama-architecture IOI model: the same kind of findings as the
+    default demo (noising: AtP misses the residual-stream patches that carry the names, with
+    causes; the largest head by exact patching is the card's)."""
+    out = tmp_path / "demo"
+    model = SHIPPED.parent / "ioi-llama-4l"
+    proc = subprocess.run([sys.executable, "-m", "attrpatch", "demo", "--model", str(model), "--out",
+                           str(out), "--quiet"], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary, _, html = _check_outputs(out, grans=DEMO_GRANS)
+    assert summary["exact"]["gap"] < -5  # noising removes the answer
+    assert summary["validation"]["verdicts"]["residual stream"] == "unreliable"
+    flags = summary["validation"]["flags"]
+    assert any(f["granularity"] == "resid_pre" and f["kind"] == "false negative" and f["causes"]
+               for f in flags), flags[:3]
+    with np.load(out / "results.npz") as f:
+        z = f["exact/z"]
+        assert f["exact/k"].shape == (4, 2)  # per kv head
+    assert np.unravel_index(np.argmax(np.abs(z)), z.shape) == (0, 2)  # the card's L0H2
+    assert "L0H2" in html
+
+
 def test_sites_mapping():
     assert sites_to_granularities(["z", "resid_pre"]) == ["z", "resid_pre"]
     assert sites_to_granularities(["z", "pattern", "post"], by_pos=True) == [
