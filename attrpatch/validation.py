@@ -221,7 +221,8 @@ class Diagnostics:
     - `big_patch[g]`: ||a_source - a_base|| / ||a_base|| over the component (batch included,
       padded positions excluded).
     - `attn_saturation[g]` (q/k granularities only), base run, batch mean over real prompts:
-      ``q``, ``k``: the head's largest attention probability at the answer row; ``q_by_pos``:
+      ``q``, ``k``: the head's largest attention probability at the answer row (for a key/value
+      head shared by a group of query heads, the largest over the group); ``q_by_pos``:
       the largest probability of query row ``pos`` (prompts where ``pos`` is padding skipped);
       ``k_by_pos``: the answer row's largest probability, over prompts whose answer row sees key
       ``pos`` (0 where none does): a saturated answer row hides the effect of any key it reads.
@@ -401,6 +402,9 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
     batch_idx, pos = np.arange(task.batch), np.asarray(positions)
     answer_row = pattern[:, batch_idx, :, pos, :]  # [batch, layer, head, key]
     answer_row_max = answer_row.max(-1)  # [batch, layer, head]
+    cfg = model.config
+    # a key/value head's saturation is that of the most saturated query head reading it
+    kv_answer_row_max = answer_row_max.reshape(*answer_row_max.shape[:2], cfg.kv_heads, -1).max(-1)
     for g in granularities:
         key = GRANULARITIES[g][0]
         keep = _position_mask(key, real)  # padded positions (and pattern rows/cols) out
@@ -413,8 +417,10 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
         est_m[g] = (_reduce(diff * g_mid[key], key, g) if midpoint
                     else 0.5 * (est_b[g] + est_s[g]))
         nonlin[g] = _nonlinearity(est_b[g], est_m[g], est_s[g], gap, thresholds)
-        if g in ("q", "k"):
+        if g == "q":
             sat[g] = answer_row_max.mean(0)  # [layer, head]
+        elif g == "k":
+            sat[g] = kv_answer_row_max.mean(0)  # [layer, kv_head]
         elif g == "q_by_pos":  # query row p's own saturation, over prompts where p is real
             row_max = pattern.max(-1)  # [layer, batch, head, query]
             w = real[None, :, None, :]
@@ -422,8 +428,8 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
             sat[g] = np.transpose(mean, (0, 2, 1))  # [layer, pos, head]
         elif g == "k_by_pos":  # the answer row's saturation, over prompts whose answer sees p
             sees = (np.arange(task.n_pos)[None, :] <= pos[:, None]) * real  # [batch, pos]
-            num_ = np.einsum("blh,bp->lph", answer_row_max, sees)
-            sat[g] = num_ / np.maximum(sees.sum(0), 1)[None, :, None]  # [layer, pos, head]
+            num_ = np.einsum("blh,bp->lph", kv_answer_row_max, sees)
+            sat[g] = num_ / np.maximum(sees.sum(0), 1)[None, :, None]  # [layer, pos, kv_head]
 
     p_clean, p_corrupt = (np.asarray(METRICS["prob"](lg, task, reference))
                           for lg in (clean_logits, corrupt_logits))

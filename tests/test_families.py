@@ -218,11 +218,17 @@ def test_atp_equals_directional_derivatives_and_zero_on_identical_prompts(family
 def test_diagnose_and_validate_run_on_a_gqa_family(family):
     model, _, _ = family("gemma2-softcap-window")
     task = make_task(seed=6, n_pos=7)
-    grans = ("resid_pre", "z", "k", "mlp_out")
+    grans = ("resid_pre", "z", "q", "k", "k_by_pos", "mlp_out")
     atp = attribute(model, task, grans)
     exact = patch(model, task, grans, progress=False)
-    checked = validate(atp, exact, diagnose(model, task, grans))
-    assert exact["k"].shape == atp["k"].shape == (2, 2)  # kv heads
+    diag = diagnose(model, task, grans)
+    checked = validate(atp, exact, diag)
+    assert exact["k"].shape == atp["k"].shape == diag.attn_saturation["k"].shape == (2, 2)  # kv heads
+    assert diag.attn_saturation["k_by_pos"].shape == (2, 7, 2)
+    # a kv head is as saturated as the most saturated of the 2 query heads reading it (per
+    # prompt, then averaged: at least the larger of the two heads' averages)
+    group_max = diag.attn_saturation["q"].reshape(2, 2, 2).max(-1)
+    assert np.all(diag.attn_saturation["k"] >= group_max - 1e-6) and np.all(diag.attn_saturation["k"] <= 1)
     assert set(checked.verdicts) >= {"heads", "q/k/v"}
     assert all(v in ("reliable", "caution", "unreliable") for v in checked.verdicts.values())
 

@@ -167,9 +167,6 @@ class Tensors:
         self.used.add(key)
         return value
 
-    def has(self, key: str) -> bool:
-        return key in self.plain
-
     def stack(self, pattern: str, n_layers: int, shape: tuple[int, ...]) -> np.ndarray:
         """``pattern.format(i)`` for every layer, stacked ``[n_layers, *shape]``."""
         return np.stack([self.take(pattern.format(i), shape) for i in range(n_layers)])
