@@ -6,10 +6,35 @@ zeros and ones hide bugs).
 
 from __future__ import annotations
 
+import gc
+import os
+
 import jax
 import pytest
 
 jax.config.update("jax_enable_x64", False)
+
+# XLA's CPU backend maps each compiled executable's code into many memory regions (about 100 per
+# exact-patching executable, measured), and Linux caps a process at vm.max_map_count (65,530 by
+# default): past it, the next compile segfaults. The suite compiles thousands of executables in
+# one process, so it drops JAX's compilation caches whenever the mappings pass this bound.
+_MAX_MAPS = 30_000
+
+
+def _memory_maps() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_compiled_code():
+    yield
+    if _memory_maps() > _MAX_MAPS:
+        jax.clear_caches()
+        gc.collect()
 
 TINY = dict(vocab_size=61, n_positions=16, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
 
