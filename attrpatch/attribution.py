@@ -42,7 +42,7 @@ from attrpatch.task import MetricFn, MetricReference, Task, check_reference, res
     jax.jit,
     static_argnames=("keys", "granularities", "direction", "metric_fn", "per_prompt", "remat"),
 )
-def _atp(model, task, keys, granularities, direction, metric_fn, per_prompt, remat):
+def _atp(model, task, first_diff, keys, granularities, direction, metric_fn, per_prompt, remat):
     base_tokens, source_tokens = task.runs(direction)
     mask, positions = task.attention_mask, task.answer_positions
 
@@ -73,9 +73,7 @@ def _atp(model, task, keys, granularities, direction, metric_fn, per_prompt, rem
     # Causality: before a prompt's first differing token both runs are the same computation, so
     # their activations differ only by compilation (the base run is differentiated, the source
     # run not): the difference there is exactly zero, as in exact patching.
-    differ = base_tokens != source_tokens
-    first = jnp.where(differ.any(1), differ.argmax(1), base_tokens.shape[1])  # [batch]
-    changed = jnp.arange(base_tokens.shape[1])[None] >= first[:, None]  # [batch, pos]
+    changed = jnp.arange(base_tokens.shape[1])[None] >= first_diff[:, None]  # [batch, pos]
     for key in keys:
         diff = source_cache[key].astype(dtypes[key]) - base_cache[key].astype(dtypes[key])
         axes = site_axes(key)  # the cache adds a leading layer axis
@@ -147,7 +145,8 @@ def attribute(
     keys = tuple(sorted({GRANULARITIES[g][0] for g in granularities}))
 
     start = time.perf_counter()
-    out = _atp(model, task, keys, granularities, direction, metric_fn, bool(per_prompt), bool(remat))
+    out = _atp(model, task, jnp.asarray(task.first_diff_positions), keys, granularities, direction,
+               metric_fn, bool(per_prompt), bool(remat))
     out = jax.device_get(out)
     seconds = time.perf_counter() - start
     check_reference(metric_name, task, out["reference"])

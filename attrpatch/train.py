@@ -535,8 +535,7 @@ _IOI_ROLES = {
 def ioi_files(model: Model, facts: dict) -> tuple[dict[str, str], dict]:
     """Evaluate an IOI model: ``(files, metrics)`` as :func:`induction_files`."""
     cfg, rc = model.config, facts["recipe"]
-    which = next(w for w, m in MODELS.items()
-                 if m.task == "toy_ioi" and m.config.architecture == cfg.architecture)
+    which = _shipped_as("toy_ioi", cfg.architecture)
     name = MODELS[which].directory
     train_s, final_loss = facts["train_seconds"], facts["final_loss"]
     task_args = IOI_TASK_ARGS
@@ -698,6 +697,12 @@ class ShippedModel(NamedTuple):
     directory: str
 
 
+def _shipped_as(task: str, architecture: str) -> str | None:
+    """The `MODELS` entry that trains `architecture` on `task` (None if none does)."""
+    return next((w for w, m in MODELS.items() if m.task == task and m.config.architecture == architecture),
+                None)
+
+
 def _ioi_data(cfg: ModelConfig, rc: dict):
     return ioi_batches(rc["batch"], rc.get("answer_weight", 1.0))
 
@@ -747,8 +752,7 @@ def card(path: str | Path) -> dict:
     path = Path(path)
     name = tasks.task_spec(path)["task"]
     model = load_model(path)
-    which = next((w for w, m in MODELS.items()
-                  if m.task == name and m.config.architecture == model.config.architecture), None)
+    which = _shipped_as(name, model.config.architecture)
     if which is None:
         raise ValueError(f"{path}: a {model.config.architecture} model with task {name!r} is not one "
                          f"this module trains ({', '.join(sorted({m.task for m in MODELS.values()}))})")

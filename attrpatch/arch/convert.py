@@ -171,9 +171,13 @@ class Tensors:
         """``pattern.format(i)`` for every layer, stacked ``[n_layers, *shape]``."""
         return np.stack([self.take(pattern.format(i), shape) for i in range(n_layers)])
 
-    def drop(self, key: str) -> None:
-        """Accept a redundant tensor without using it (a tied head some exports keep)."""
-        self.plain.pop(key, None)
+    def unembedding(self, embed: np.ndarray, head_key: str, cfg) -> np.ndarray:
+        """``W_U [d_model, d_vocab]``: the embedding's transpose for a tied model (a redundant
+        `head_key` copy some exports keep is accepted unused), else the `head_key` tensor's."""
+        if cfg.tie_word_embeddings:
+            self.plain.pop(head_key, None)
+            return embed.T
+        return self.take(head_key, (cfg.d_vocab, cfg.d_model)).T
 
     def finish(self) -> None:
         unexpected = sorted(set(self.plain) - self.used)

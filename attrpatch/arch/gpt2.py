@@ -76,11 +76,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, dtype) -> d
     W_E = t.take("wte.weight", (cfg.d_vocab, d))
     params = {"W_E": W_E, "W_pos": t.take("wpe.weight", (cfg.n_ctx, d)), "blocks": blocks,
               "ln_f_w": t.take("ln_f.weight", (d,)), "ln_f_b": t.take("ln_f.bias", (d,))}
-    if cfg.tie_word_embeddings:
-        params["W_U"] = W_E.T
-        t.drop("lm_head.weight")
-    else:
-        params["W_U"] = t.take("lm_head.weight", (cfg.d_vocab, d)).T
+    params["W_U"] = t.unembedding(W_E, "lm_head.weight", cfg)
     t.finish()
     return to_params(params, dtype)
 

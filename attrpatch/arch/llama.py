@@ -158,11 +158,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, dtype) -> d
         blocks |= {"b_gate": stack("mlp.gate_proj.bias", (dm,)), "b_in": stack("mlp.up_proj.bias", (dm,)),
                    "b_out": stack("mlp.down_proj.bias", (d,))}
     embed = t.take("model.embed_tokens.weight", (cfg.d_vocab, d))
-    if cfg.tie_word_embeddings:
-        W_U = embed.T
-        t.drop("lm_head.weight")
-    else:
-        W_U = t.take("lm_head.weight", (cfg.d_vocab, d)).T
+    W_U = t.unembedding(embed, "lm_head.weight", cfg)
     if gemma:  # HF multiplies by sqrt(d_model) rounded to the weights' dtype
         embed = embed * np.asarray(math.sqrt(d), embed.dtype)
     params = {"W_E": embed, "blocks": blocks, "ln_f_w": _norm_in(t.take("model.norm.weight", (d,)), gemma),

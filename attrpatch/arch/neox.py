@@ -77,11 +77,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, dtype) -> d
     params = {"W_E": W_E, "blocks": blocks,
               "ln_f_w": t.take("gpt_neox.final_layer_norm.weight", (d,)),
               "ln_f_b": t.take("gpt_neox.final_layer_norm.bias", (d,))}
-    if cfg.tie_word_embeddings:
-        params["W_U"] = W_E.T
-        t.drop("embed_out.weight")
-    else:
-        params["W_U"] = t.take("embed_out.weight", (cfg.d_vocab, d)).T
+    params["W_U"] = t.unembedding(W_E, "embed_out.weight", cfg)
     t.finish()
     return to_params(params, dtype)
 
