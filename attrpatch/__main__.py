@@ -1,7 +1,5 @@
 """``python -m attrpatch``: the command line (see :mod:`attrpatch.cli`)."""
 
-import sys
+from attrpatch.cli import console_main
 
-from attrpatch.cli import main
-
-sys.exit(main())
+console_main()

@@ -47,6 +47,15 @@ def replace_dir(staging: str | os.PathLike, path: str | os.PathLike) -> None:
         staging.rename(path)
         return
     trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-    path.rename(trash / path.name)
-    staging.rename(path)
+    try:
+        path.rename(trash / path.name)
+    except OSError:
+        trash.rmdir()
+        raise
+    try:
+        staging.rename(path)
+    except OSError:
+        (trash / path.name).rename(path)  # put the old one back
+        trash.rmdir()
+        raise
     shutil.rmtree(trash)

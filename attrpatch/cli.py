@@ -19,19 +19,25 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import difflib
 import json
 import os
 import platform
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 import warnings
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from attrpatch.atomic import replace_dir, staging_dir
+from attrpatch.interrupts import EXIT_INTERRUPTED, deferred_interrupts, raise_if_interrupted
 from attrpatch.results import (
     DEFAULT_GRANULARITIES,
     GRANULARITIES,
@@ -60,14 +66,13 @@ DEFAULT_SITES = DEFAULT_GRANULARITIES  # less the MLP ones on attention-only mod
 DEMO_RANDOM_NEURONS = 32  # exact-verify this many random neurons outside AtP's top 64
 DEMO_SITES = ("resid_pre", "attn_out", "mlp_out", "z", "z_by_pos", "q", "k", "post")
 DEFAULT_MODEL = "ioi-gpt2-4l"
+METHODS = ("atp", "exact")
 
 
 class CLIError(Exception):
     """Bad input found before any compute: printed as ``attrpatch: error: ...``, exit code 2."""
 
 
-# Exit code after Ctrl-C (128 + SIGINT), with nothing written.
-EXIT_INTERRUPTED = 130
 # What `attrpatch.patching.patch` warns when Ctrl-C stops it (it then returns partial results).
 _PATCH_INTERRUPTED = "patch: interrupted"
 
@@ -80,21 +85,34 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL
 
 
+def split_list(items) -> list[str]:
+    """Command-line list values as given, with commas or spaces: ``["z,attn_out", "mlp_out"]``
+    -> ``["z", "attn_out", "mlp_out"]``."""
+    if isinstance(items, str):
+        items = [items]
+    return [s for item in items for s in item.replace(",", " ").split()]
+
+
+def _unknown(kind: str, name: str, choices) -> CLIError:
+    """An error for an unknown `name`, suggesting the closest valid choice."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return CLIError(f"unknown {kind} {name!r}{hint} Choose from {', '.join(choices)}")
+
+
 def sites_to_granularities(sites, by_pos: bool = False, cfg=None) -> list[str]:
-    """TransformerLens short names (or granularity names) -> granularity names, in order; with
-    a model config `cfg`, refuse those whose site the model lacks."""
-    if isinstance(sites, str):
-        sites = [s for s in sites.replace(",", " ").split() if s]
+    """TransformerLens short names (or granularity names; comma- or space-separated) ->
+    granularity names, in order; with a model config `cfg`, refuse those whose site the model
+    lacks."""
     out: list[str] = []
-    for s in sites:
+    for s in split_list(sites):
         if s in SITES:
             base, extra = SITES[s]
             out += list(base) + (list(extra) if by_pos else [])
         elif s in GRANULARITIES:
             out.append(s)
         else:
-            raise CLIError(f"unknown site {s!r}; choose from {', '.join(SITES)} "
-                           f"(or a granularity: {', '.join(GRANULARITIES)})")
+            raise _unknown("site", s, [*SITES, *(g for g in GRANULARITIES if g not in SITES)])
     out = list(dict.fromkeys(out))
     if cfg is not None:
         try:
@@ -102,6 +120,17 @@ def sites_to_granularities(sites, by_pos: bool = False, cfg=None) -> list[str]:
         except ValueError as e:
             raise CLIError(str(e)) from e
     return out
+
+
+def parse_methods(items) -> tuple[str, ...]:
+    """``--methods`` values (comma- or space-separated) -> method names, checked."""
+    methods = tuple(dict.fromkeys(split_list(items)))
+    if not methods:
+        raise CLIError("--methods needs atp and/or exact")
+    for m in methods:
+        if m not in METHODS:
+            raise _unknown("--methods value", m, METHODS)
+    return methods
 
 
 def parse_thresholds(items):
@@ -124,7 +153,10 @@ def parse_thresholds(items):
                 changes[name] = float(value)
         except ValueError as e:
             raise CLIError(f"bad --threshold {item!r}: {e}") from e
-    return t.replace(**changes)
+    try:
+        return t.replace(**changes)
+    except ValueError as e:
+        raise CLIError(f"bad --threshold: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,23 +164,58 @@ def parse_thresholds(items):
 
 
 def check_out(out: Path) -> None:
-    """Refuse an output path that is a file or a non-empty directory we did not write."""
+    """Refuse, before any compute, an `--out` that must not or cannot be replaced: a file, a
+    directory holding anything attrpatch did not write there, or a place we cannot write to."""
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "summary.json").is_file():
-        raise CLIError(f"--out {out} exists, is not empty and is not an attrpatch output; "
-                       "refusing to overwrite it")
+        raise CLIError(f"--out {out} exists and is not a directory; choose another --out")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in _files_we_wrote(out))
+        if foreign:
+            raise CLIError(f"--out {out} holds files attrpatch did not write ({', '.join(foreign[:5])}"
+                           f"{', ...' if len(foreign) > 5 else ''}); refusing to replace it. "
+                           "Choose a new or empty --out, or move those files away")
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CLIError(f"--out {out}: {ancestor} is a file, not a directory")
+    for where in [ancestor] + ([out] if out.is_dir() else []):
+        try:  # a real probe: permissions, read-only filesystems and root all answer truthfully
+            tempfile.TemporaryFile(dir=where).close()
+        except OSError as e:
+            raise CLIError(f"--out {out}: cannot write in {where} ({e.strerror}); choose another "
+                           "--out") from e
 
 
-def _staging_dir(out: Path) -> Path:
+def _files_we_wrote(out: Path) -> set[str]:
+    """The files listed by the attrpatch output in `out` (its ``summary.json``), else none."""
+    try:
+        files = json.loads((out / "summary.json").read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if not isinstance(files, list) or "summary.json" not in files:
+        return set()
+    return {f for f in files if isinstance(f, str)}
+
+
+@contextmanager
+def _output_dir(out: Path) -> Iterator[Path]:
+    """A staging directory beside `out`, moved into place when the block ends and removed if
+    it fails; Ctrl-C meanwhile stops at the next safe point (:mod:`attrpatch.interrupts`), so
+    an interrupted run leaves the previous `out` as it was."""
     check_out(out)
-    return staging_dir(Path(out).resolve())
-
-
-def _commit(staging: Path, out: Path) -> None:
-    """Move the finished `staging` directory to `out` (replacing a previous output)."""
-    replace_dir(staging, Path(out).resolve())
+    out = Path(out).resolve()
+    staging = staging_dir(out)
+    remove = lambda: shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with deferred_interrupts(cleanup=remove):
+            yield staging
+            raise_if_interrupted()
+            replace_dir(staging, out)
+    except BaseException:
+        remove()
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,32 +341,43 @@ def json_safe(x):
 
 
 def load_outputs(out_dir: Path):
-    """(atp, exact, diagnostics, summary) from a previous run's output directory."""
+    """(atp, exact, diagnostics, summary) from a previous run's output directory; a missing,
+    corrupt or foreign file is a `CLIError` naming it."""
     from attrpatch.validation import Diagnostics
 
     out_dir = Path(out_dir)
     for name in ("results.npz", "summary.json"):
         if not (out_dir / name).is_file():
             raise CLIError(f"{out_dir} has no {name}; is it an attrpatch output directory?")
-    summary = json.loads((out_dir / "summary.json").read_text())
-    results = {}
-    with np.load(out_dir / "results.npz") as f:
-        arrays = {k: f[k] for k in f.files}
-    for method in ("atp", "exact"):
-        meta = summary.get(method)
-        if not meta:
-            results[method] = None
-            continue
-        scores = {k.split("/", 1)[1]: Scores(k.split("/", 1)[1], v)
-                  for k, v in arrays.items() if k.startswith(method + "/")}
-        results[method] = PatchResults(method, meta["direction"], meta["metric"],
-                                       meta["base_metric"], meta["source_metric"], scores,
-                                       seconds=meta.get("seconds"))
-    diagnostics = None
-    if (out_dir / "diagnostics.npz").is_file() and summary.get("diagnostics"):
-        with np.load(out_dir / "diagnostics.npz") as f:
-            diagnostics = Diagnostics.from_arrays({k: f[k] for k in f.files},
-                                                  summary["diagnostics"])
+    current = "summary.json"
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+        if not isinstance(summary, dict) or not isinstance(summary.get("run"), dict):
+            raise ValueError("not an attrpatch summary (no 'run' object)")
+        current = "results.npz"
+        with np.load(out_dir / "results.npz", allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+        results = {}
+        for method in ("atp", "exact"):
+            meta = summary.get(method)
+            if not meta:
+                results[method] = None
+                continue
+            scores = {k.split("/", 1)[1]: Scores(k.split("/", 1)[1], v)
+                      for k, v in arrays.items() if k.startswith(method + "/")}
+            results[method] = PatchResults(method, meta["direction"], meta["metric"],
+                                           meta["base_metric"], meta["source_metric"], scores,
+                                           seconds=meta.get("seconds"))
+        diagnostics = None
+        if (out_dir / "diagnostics.npz").is_file() and summary.get("diagnostics"):
+            current = "diagnostics.npz"
+            with np.load(out_dir / "diagnostics.npz", allow_pickle=False) as f:
+                diagnostics = Diagnostics.from_arrays({k: f[k] for k in f.files},
+                                                      summary["diagnostics"])
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+            zipfile.BadZipFile) as e:
+        raise CLIError(f"{out_dir / current} is corrupt or not attrpatch's ({type(e).__name__}: "
+                       f"{e}); rerun the scan to rewrite it") from e
     return results["atp"], results["exact"], diagnostics, summary
 
 
@@ -329,60 +407,60 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
         verify_random_rest,
     )
 
-    staging = _staging_dir(out)
-    try:
-        timings = {}
-        atp = exact = diagnostics = validation = None
-        budget = {}
-        if "atp" in methods:
-            from attrpatch.attribution import attribute
+    with _output_dir(out) as staging:
+        try:
+            timings = {}
+            atp = exact = diagnostics = validation = None
+            budget = {}
+            if "atp" in methods:
+                from attrpatch.attribution import attribute
 
-            t0 = time.perf_counter()
-            atp = attribute(model, task, granularities=granularities, direction=direction,
-                            metric=metric)
-            timings["atp_s"] = round(time.perf_counter() - t0, 3)
-        if "exact" in methods:
-            from attrpatch.patching import patch
+                t0 = time.perf_counter()
+                atp = attribute(model, task, granularities=granularities, direction=direction,
+                                metric=metric)
+                timings["atp_s"] = round(time.perf_counter() - t0, 3)
+                raise_if_interrupted()
+            if "exact" in methods:
+                from attrpatch.patching import patch
 
-            t0 = time.perf_counter()
-            kwargs = {}
-            if any(g.startswith("post") for g in granularities):
-                # AtP's top neurons where AtP ran (the rest stay NaN), else every neuron.
-                cfg = model.config
-                kwargs["neurons"] = atp if atp is not None else [
-                    (layer, n) for layer in range(cfg.n_layers) for n in range(cfg.d_mlp)]
-            exact = _patch_or_interrupt(patch, model, task, granularities=granularities,
-                                        direction=direction, metric=metric, progress=not quiet,
-                                        **kwargs)
-            timings["exact_s"] = round(time.perf_counter() - t0, 3)
-        if atp is not None and (verify_top or verify_random):
-            t0 = time.perf_counter()
-            if exact is not None and verify_top is None:
-                # exact covers some components only (neurons): sample the uncovered ones
-                budget = verify_random_rest(model, task, atp, exact, verify_random, seed,
-                                            thresholds)
-            elif exact is None:
-                exact, budget = verify_budgeted(model, task, atp, verify_top or 0,
-                                                verify_random or 0, seed, thresholds)
-            else:
-                for g in granularities:
-                    top, rand = budget_sample(atp[g], verify_top or 0, verify_random or 0, seed)
-                    thr = thresholds.large * max(abs(exact.gap), thresholds.min_gap)
-                    budget[g] = budget_report(g, atp[g], exact[g], top, rand, thr)
-            timings["verify_s"] = round(time.perf_counter() - t0, 3)
-        tokens = token_strings(model_dir, task)
-        if atp is not None and exact is not None:
-            t0 = time.perf_counter()
-            diagnostics = diagnose(model, task, granularities, direction, metric, thresholds)
-            timings["diagnose_s"] = round(time.perf_counter() - t0, 3)
-            validation = validate(atp, exact, diagnostics, thresholds, tokens)
-        run = dict(run, timings=timings, versions=_versions(),
-                   thresholds=dataclasses.asdict(thresholds))
+                t0 = time.perf_counter()
+                kwargs = {}
+                if any(g.startswith("post") for g in granularities):
+                    # AtP's top neurons where AtP ran (the rest stay NaN), else every neuron.
+                    cfg = model.config
+                    kwargs["neurons"] = atp if atp is not None else [
+                        (layer, n) for layer in range(cfg.n_layers) for n in range(cfg.d_mlp)]
+                exact = _patch_or_interrupt(patch, model, task, granularities=granularities,
+                                            direction=direction, metric=metric, progress=not quiet,
+                                            **kwargs)
+                timings["exact_s"] = round(time.perf_counter() - t0, 3)
+            if atp is not None and (verify_top or verify_random):
+                t0 = time.perf_counter()
+                if exact is not None and verify_top is None:
+                    # exact covers some components only (neurons): sample the uncovered ones
+                    budget = verify_random_rest(model, task, atp, exact, verify_random, seed,
+                                                thresholds)
+                elif exact is None:
+                    exact, budget = verify_budgeted(model, task, atp, verify_top or 0,
+                                                    verify_random or 0, seed, thresholds)
+                else:
+                    for g in granularities:
+                        top, rand = budget_sample(atp[g], verify_top or 0, verify_random or 0, seed)
+                        thr = thresholds.large * max(abs(exact.gap), thresholds.min_gap)
+                        budget[g] = budget_report(g, atp[g], exact[g], top, rand, thr)
+                timings["verify_s"] = round(time.perf_counter() - t0, 3)
+            tokens = token_strings(model_dir, task)
+            if atp is not None and exact is not None:
+                t0 = time.perf_counter()
+                diagnostics = diagnose(model, task, granularities, direction, metric, thresholds)
+                timings["diagnose_s"] = round(time.perf_counter() - t0, 3)
+                raise_if_interrupted()
+                validation = validate(atp, exact, diagnostics, thresholds, tokens)
+            run = dict(run, timings=timings, versions=_versions(),
+                       thresholds=dataclasses.asdict(thresholds))
+        except ValueError as e:  # bad input the library found (non-finite metrics, ...)
+            raise CLIError(str(e)) from e
         summary = write_outputs(staging, atp, exact, validation, diagnostics, budget, run, tokens)
-        _commit(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return summary
 
 
@@ -428,6 +506,8 @@ def print_summary(summary: dict, out: Path, file=None) -> None:
                   f"{_num(s['spearman'], '.3f'):>9}"
                   + "".join(f"{_num(s.get(k), '.2f'):>11}" for k in recalls)
                   + f"{s['n_flags']:>7}", file=file)
+        if v.get("note"):
+            print(v["note"], file=file)
         for f in v["flags"][:5]:
             print(f"  [{f['level']}] {f['label']}: {f['reason']}", file=file)
         if len(v["flags"]) > 5:
@@ -472,10 +552,7 @@ def cmd_demo(args) -> int:
 def cmd_scan(args) -> int:
     from attrpatch.data import DataError, load_task
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    bad = [m for m in methods if m not in ("atp", "exact")]
-    if bad or not methods:
-        raise CLIError(f"--methods takes atp and/or exact, got {args.methods!r}")
+    methods = parse_methods(args.methods)
     if (args.verify_top or args.verify_random) and "atp" not in methods:
         raise CLIError("--verify-top/--verify-random need the atp method")
     for name in ("verify_top", "verify_random"):
@@ -528,13 +605,8 @@ def cmd_validate(args) -> int:
             budget[g] = budget_report(g, atp[g], exact[g], np.asarray(b["top"], int).reshape(
                 -1, atp[g].ndim), np.asarray(b["random"], int).reshape(-1, atp[g].ndim), thr)
     run = dict(old["run"], revalidated_by=_command(), thresholds=dataclasses.asdict(thresholds))
-    staging = _staging_dir(out)
-    try:
+    with _output_dir(out) as staging:
         summary = write_outputs(staging, atp, exact, validation, diagnostics, budget, run, tokens)
-        _commit(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print_summary(summary, out)
     return 0
 
@@ -569,11 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prepend-bos", action="store_true",
                    help="text prompts: put the tokenizer's BOS token first")
     s.add_argument("--sites", nargs="+", default=None,
-                   help=f"TransformerLens short names: {', '.join(SITES)} (default: "
+                   help=f"TransformerLens short names, commas or spaces: {', '.join(SITES)} (default: "
                         f"{' '.join(DEFAULT_SITES)}; mlp_out dropped on attention-only models)")
     s.add_argument("--by-pos", action="store_true",
                    help="head/pattern/neuron sites also per position (z_by_pos, ...)")
-    s.add_argument("--methods", default="atp,exact", help="atp,exact (default) or one of them")
+    s.add_argument("--methods", nargs="+", default=["atp,exact"],
+                   help="atp,exact (default) or one of them (commas or spaces)")
     s.add_argument("--direction", choices=("denoise", "noise"), default="denoise")
     s.add_argument("--metric", choices=tuple(METRICS), default="logit_diff")
     s.add_argument("--verify-top", type=int, default=None, metavar="K",
@@ -612,6 +685,17 @@ def main(argv=None) -> int:
         return EXIT_INTERRUPTED
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The ``attrpatch`` console script: `main`, then exit. After Ctrl-C it exits without
+    interpreter teardown (``os._exit``), which could otherwise race XLA's threads."""
     os.environ.setdefault("MPLBACKEND", "Agg")
-    sys.exit(main())
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    console_main()

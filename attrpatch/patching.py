@@ -42,6 +42,8 @@ from jax import lax
 
 from attrpatch.arch import transformer as T
 from attrpatch.atomic import atomic_write
+from attrpatch.identity import UnidentifiableMetric, metric_identity
+from attrpatch.interrupts import raise_if_interrupted
 from attrpatch.interventions import NO_INTERVENTIONS, Interventions, Patch
 from attrpatch.results import (
     DIRECTIONS,
@@ -407,10 +409,15 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _fingerprint(model, task, direction, source, metric_name, seed, neurons, corrupt_iv) -> str:
-    """Hash of everything the effects depend on (model, prompts, options)."""
+def _fingerprint(model, task, direction, source, metric_fn, seed, neurons, corrupt_iv) -> str:
+    """Hash of everything the effects depend on (model, prompts, metric, options)."""
+    try:
+        metric_id = metric_identity(metric_fn)
+    except UnidentifiableMetric as e:
+        raise ValueError(f"checkpoint_dir: cannot tell on resume whether saved results used this "
+                         f"metric: {e}") from e
     h = hashlib.sha256()
-    h.update(repr((model.config, direction, source, metric_name, seed, neurons)).encode())
+    h.update(repr((model.config, direction, source, metric_id, seed, neurons)).encode())
     for leaf in jax.tree.leaves((model.params, task, corrupt_iv)):
         h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
     return h.hexdigest()
@@ -642,9 +649,9 @@ def patch(
 
     fp = None
     if checkpoint_dir is not None:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        fp = _fingerprint(model, task, direction, source, metric_name, seed,
+        fp = _fingerprint(model, task, direction, source, metric_fn, seed,
                           repr((layer_neurons, wanted)), corrupt_interventions)
+        os.makedirs(checkpoint_dir, exist_ok=True)
         meta_path = os.path.join(checkpoint_dir, "meta.json")
         if os.path.exists(meta_path):
             with open(meta_path) as f:
@@ -660,6 +667,7 @@ def patch(
     interrupted = False
     try:
         for g, layer, grids, inert, chunks, work in plan:
+            raise_if_interrupted()
             ckpt = None if fp is None else os.path.join(checkpoint_dir, f"{g}.layer{layer}.npy")
             if ckpt is not None and os.path.exists(ckpt):
                 _fill(out[g], layer, grids, np.load(ckpt))

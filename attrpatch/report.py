@@ -225,6 +225,8 @@ def write_report(out_dir: str | Path, summary: dict, figures: Sequence[Path],
                          "median_abs_error_share", "max_abs_error_share"))
                      + f"<td>{s['n_flags']} ({s['n_high']})</td></tr>")
         h.append("</table>")
+        if validation.note:
+            h.append(f"<p class='unreliable'>{html.escape(validation.note)}</p>")
         h.append(f"<p>gap (source - base metric) = {validation.gap:.4g}; effects compared in units "
                  f"of {validation.unit:.4g}. Reliable: Pearson &ge; {t.reliable_pearson} and no "
                  f"high-severity flag, or every |AtP - exact| below {t.small:g} of the unit and "

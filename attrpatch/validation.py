@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attrpatch.interrupts import raise_if_interrupted
 from attrpatch.interventions import Interventions
 from attrpatch.patching import patch
 from attrpatch.results import (
@@ -103,6 +104,21 @@ class Thresholds:
     reliable_pearson: float = 0.95
     caution_pearson: float = 0.8
     min_gap: float = 1e-6
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "top_k":
+                if not value or any(isinstance(k, bool) or not isinstance(k, int) or k < 1
+                                    for k in value):
+                    raise ValueError(f"threshold top_k={value!r} must be one or more positive integers")
+                continue
+            lowest, highest = {"reliable_pearson": (-1, 1), "caution_pearson": (-1, 1),
+                               "magnitude_ratio": (1, math.inf)}.get(f.name, (0, math.inf))
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    math.isfinite(value) and lowest <= value <= highest):
+                raise ValueError(f"threshold {f.name}={value!r} must be a finite number in "
+                                 f"[{lowest}, {highest}]")
 
     def replace(self, **changes) -> Thresholds:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -391,6 +407,7 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
         half = 0.5 * (source_cache[k].astype(dtypes[k]) - base_cache[k].astype(dtypes[k]))
         layers = []
         for layer in range(half.shape[0]):
+            raise_if_interrupted()
             deltas = dict(zeros, **{k: zeros[k].at[layer].set(half[layer])})
             layers.append(np.asarray(grad_fn(deltas, base_tokens)[k][layer], np.float64))
         g_mid[k] = np.stack(layers)
@@ -528,9 +545,10 @@ class Validation:
 
     - `by_granularity[g]`, `by_family[family]`: :func:`agreement` dicts (families pool their
       granularities' components); `verdicts[family]`: "reliable" | "caution" | "unreliable"
-      | "n/a" (no component of the family verified).
+      | "n/a" (no component of the family verified, or no gap: see `note`).
     - `flags`: sorted by severity, highest first. `flag_grids[g]`: ``[*axes]`` strings
       ("" where unflagged).
+    - `note`: why every verdict is "n/a", if it is ("" otherwise).
     """
 
     gap: float
@@ -541,10 +559,11 @@ class Validation:
     verdicts: dict[str, str]
     flags: list[Flag]
     flag_grids: dict[str, np.ndarray]
+    note: str = ""
 
     def to_json(self) -> dict:
         return {
-            "gap": self.gap, "unit": self.unit,
+            "gap": self.gap, "unit": self.unit, "note": self.note,
             "thresholds": dataclasses.asdict(self.thresholds),
             "by_granularity": self.by_granularity, "by_family": self.by_family,
             "verdicts": self.verdicts, "flags": [f.to_json() for f in self.flags],
@@ -655,7 +674,13 @@ def validate(atp: PatchResults, exact: PatchResults, diagnostics: Diagnostics | 
             verdicts[fam] = "caution"
         else:
             verdicts[fam] = "unreliable"
-    return Validation(gap, unit, t, by_g, by_family, verdicts, flags, grids)
+    note = ""
+    if not abs(gap) >= t.min_gap:  # agreement on effects of nothing proves nothing
+        verdicts = dict.fromkeys(verdicts, "n/a")
+        note = (f"no verdict: the base and source runs' metrics differ by {gap:.3g} (|gap| below "
+                f"min_gap={t.min_gap:g}), so there is no effect to localise; check the prompts, "
+                "the metric and the model's weights")
+    return Validation(gap, unit, t, by_g, by_family, verdicts, flags, grids, note)
 
 
 # ----------------------------------------------------------------------------------------------
