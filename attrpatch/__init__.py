@@ -51,3 +51,17 @@ __all__ = [
     "verify_budgeted",
 ]
 __version__ = "0.1.0"
+
+# Flax support loads flax only when first used (`pip install "attrpatch[flax]"`).
+_FLAX_NAMES = ("FlaxModel", "attribute_flax", "flax_sites", "patch_flax", "validate_flax")
+__all__ += list(_FLAX_NAMES)
+
+
+def __getattr__(name):
+    if name in _FLAX_NAMES:
+        try:
+            from attrpatch import flax_models
+        except ImportError as e:
+            raise ImportError(f"attrpatch.{name} needs flax: pip install 'attrpatch[flax]'") from e
+        return getattr(flax_models, name)
+    raise AttributeError(f"module 'attrpatch' has no attribute {name!r}")

@@ -60,8 +60,8 @@ def test_ctrl_c_at_any_moment_exits_130_and_keeps_the_old_output(tmp_path):
     # as a launcher that leaves SIGINT at its default starts it (a test runner may ignore it)
     default_sigint = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, "
                       "signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"]
-    args = [*default_sigint, str(CONSOLE), "scan", "--model", str(SHIPPED), "--data", str(data), "--out", str(out),
-            "--quiet"]
+    args = [*default_sigint, str(CONSOLE), "scan", "--model", str(SHIPPED), "--data", str(data),
+            "--out", str(out), "--quiet"]
     env = dict(os.environ, MPLBACKEND="Agg")
     subprocess.run(args + ["--methods", "atp", "--sites", "resid_pre"], check=True, env=env,
                    capture_output=True)
