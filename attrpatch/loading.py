@@ -1,15 +1,17 @@
-"""Read and write Hugging Face checkpoint directories (`config.json` + safetensors)."""
+"""Read and write Hugging Face checkpoint directories (`config.json` + safetensors), and find
+them in the local Hugging Face hub cache by repo id."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from attrpatch.arch import CONVERTERS
@@ -17,6 +19,33 @@ from attrpatch.atomic import replace_dir, staging_dir
 from attrpatch.model import Model
 
 _PICKLED = ("pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
+# What a checkpoint directory holds that attrpatch reads (the CLI reads the tokenizer and task).
+HUB_FILES = ["config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "attrpatch_task.json"]
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e}); re-download or re-save the checkpoint") from e
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard file names a ``model.safetensors.index.json`` maps tensors to."""
+    raw = _read_json(index)
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: not a safetensors index: needs a non-empty 'weight_map' object "
+                         "mapping each tensor name to the shard file that holds it")
+    names = list(weight_map.values())
+    bad = [name for name in names if not isinstance(name, str) or name in ("", ".", "..")
+           or Path(name).name != name]
+    if bad:
+        raise ValueError(f"{index}: weight_map values must be shard file names in {index.parent}, "
+                         f"got {', '.join(map(repr, bad[:3]))}")
+    return sorted(set(names))
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -25,11 +54,7 @@ def _weight_files(path: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from e
-        files = [path / f for f in sorted(set(weight_map.values()))]
+        files = [path / name for name in _shard_names(index)]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing}")
@@ -56,46 +81,122 @@ def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
     bfloat16: the conversion casts one tensor at a time, so no float32 copy of the whole model)."""
     tensors: dict[str, np.ndarray] = {}
     for file in files:
-        with safe_open(str(file), framework="numpy") as f:
-            for key in f.keys():
-                if key in tensors:
-                    raise ValueError(f"tensor {key!r} appears in more than one shard ({file.name})")
-                tensors[key] = f.get_tensor(key)
+        try:
+            with safe_open(str(file), framework="numpy") as f:
+                for key in f.keys():
+                    if key in tensors:
+                        raise ValueError(f"tensor {key!r} appears in more than one shard ({file.name})")
+                    tensors[key] = f.get_tensor(key)
+        except SafetensorError as e:
+            raise ValueError(f"{file} ({file.stat().st_size} bytes) is corrupt or truncated, not a readable "
+                             f"safetensors file ({e}); re-download or re-save it") from e
     return tensors
 
 
-def load_model(path: str | os.PathLike, dtype=jnp.float32) -> Model:
-    """Load a Hugging Face checkpoint directory of any supported family (`model_type` in
-    `config.json`: see :data:`attrpatch.arch.CONVERTERS`).
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache directory, read from the environment now (``HF_HUB_CACHE``,
+    else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``), not when `huggingface_hub` was imported."""
+    env = os.environ
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(cache)))
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, allow_download: bool = False,
+                       revision: str | None = None) -> Path:
+    """The local checkpoint directory for `name_or_path`.
+
+    An existing directory is returned as is. A string of the form ``org/name`` that is not a
+    directory is a Hugging Face repo id: its snapshot (at `revision`, default ``main``) in the
+    local hub cache (:func:`hub_cache_dir`). Nothing is fetched over the network unless
+    `allow_download`, which downloads the files attrpatch reads (:data:`HUB_FILES`) into that cache.
+    """
+    path = Path(name_or_path)
+    if path.is_dir() or not (isinstance(name_or_path, str) and _REPO_ID.fullmatch(name_or_path)):
+        if not path.is_dir():
+            why = "is not a directory" if path.exists() else "does not exist"
+            raise FileNotFoundError(f"checkpoint directory {path} {why}")
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to Hugging Face repo ids, not to the local "
+                             f"directory {path}")
+        return path
+    return _hub_snapshot(name_or_path, allow_download, revision or "main")
+
+
+def _hub_snapshot(repo_id: str, allow_download: bool, revision: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=HUB_FILES,
+                                      local_files_only=not allow_download))
+    except HFValidationError as e:
+        raise ValueError(f"{repo_id!r} is neither a local directory nor a valid Hugging Face repo id: "
+                         f"{e}") from e
+    except LocalEntryNotFoundError as e:
+        if allow_download:
+            raise FileNotFoundError(f"could not download Hugging Face repo {repo_id!r} (revision "
+                                    f"{revision!r}) into {cache}: {e}") from e
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local directory, and Hugging Face repo {repo_id!r} (revision "
+            f"{revision!r}) is not in the local cache {cache}. Download it first (`hf download "
+            f"{repo_id}`, or `huggingface-cli download {repo_id}`), or allow downloading "
+            "(`allow_download=True`). If it is cached elsewhere, set "
+            "HF_HUB_CACHE or HF_HOME."
+        ) from e
+    except HfHubHTTPError as e:
+        raise FileNotFoundError(f"could not download Hugging Face repo {repo_id!r} (revision "
+                                f"{revision!r}): {e}") from e
+
+
+def load_model(path: str | os.PathLike, dtype=jnp.float32, *, allow_download: bool = False,
+               revision: str | None = None) -> Model:
+    """Load a Hugging Face checkpoint of any supported family (`model_type` in `config.json`:
+    see :data:`attrpatch.arch.CONVERTERS`).
 
     **Arguments:**
 
     - `path`: a directory with `config.json` and `model.safetensors`, or sharded
       `model-*.safetensors` with `model.safetensors.index.json`. Tensors may be stored as
       float32, float16 or bfloat16 (GPT-2: keys with or without the ``transformer.`` prefix).
+      Or a Hugging Face repo id (``"EleutherAI/pythia-70m"``), read from the local hub cache:
+      see :func:`resolve_checkpoint`.
     - `dtype`: the dtype to compute in (float32 by default). bfloat16 halves memory; LayerNorm,
       norms, attention logits and logits still accumulate in float32, and logits differ from
       float32 by under 5% of their largest magnitude (measured: 0.7% on `models/ioi-gpt2-4l`).
+    - `allow_download`: fetch a repo id missing from the cache from the Hub (offline otherwise).
+    - `revision`: the branch, tag or commit of a repo id (default ``main``).
 
     **Returns:** a :class:`attrpatch.Model`.
+
+    **Raises:** FileNotFoundError or ValueError, naming the file and the problem, for a missing,
+    corrupt or unsupported checkpoint.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    path = resolve_checkpoint(path, allow_download, revision)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no config.json")
-    raw = json.loads(config_file.read_text())
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if model_type not in CONVERTERS:
+    raw = _read_json(config_file)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONVERTERS:
         raise ValueError(
             f"{config_file}: model_type={model_type!r} is not supported; "
             f"supported: {', '.join(CONVERTERS)}"
         )
     convert = CONVERTERS[model_type]
-    config = convert.config_from_hf(raw)
+    try:
+        config = convert.config_from_hf(raw)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from e
     tensors = read_safetensors(_weight_files(path))
-    return Model(config, convert.params_from_hf(tensors, config, dtype))
+    try:
+        params = convert.params_from_hf(tensors, config, dtype)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    return Model(config, params)
 
 
 def save_model(model: Model, path: str | os.PathLike, extra_files: dict[str, str] | None = None):

@@ -29,13 +29,34 @@ REQUIRED_VALUES = {"is_encoder_decoder": False, "add_cross_attention": False,
                    "use_bidirectional_attention": False}
 
 
+def check_int(key: str, value, minimum: int = 1) -> int:
+    """`value` as an int, or a ValueError naming `key` (bools, strings, NaN and fractions refused)."""
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or value != int(value) or value < minimum):
+        wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{key}={value!r} must be {wanted}")
+    return int(value)
+
+
+def check_float(key: str, value, positive: bool = False) -> float:
+    """`value` as a float, or a ValueError naming `key` (bools, strings, NaN and infinities refused)."""
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or (positive and value <= 0)):
+        raise ValueError(f"{key}={value!r} must be a {'positive' if positive else 'finite'} number")
+    return float(value)
+
+
 class HFConfig:
-    """A `config.json` dict read field by field: :meth:`finish` refuses, by name, every field
-    that was not read and is not known to be harmless."""
+    """A `config.json` dict read field by field, each value checked for its type and range:
+    :meth:`finish` refuses, by name, every field that was not read and is not known to be harmless.
+
+    Messages name the field but not the file: `attrpatch.load_model` prefixes the file's path.
+    A null field counts as absent (`default` applies).
+    """
 
     def __init__(self, raw: dict, family: str):
         if not isinstance(raw, dict):
-            raise ValueError(f"config.json: expected a JSON object, got {type(raw).__name__}")
+            raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
         self.raw, self.family, self.read = raw, family, set()
 
     def get(self, key: str, default=None):
@@ -43,32 +64,42 @@ class HFConfig:
         value = self.raw.get(key)
         return default if value is None else value
 
-    def int(self, key: str, default=None) -> int:
+    def _required(self, key: str, default, required: bool):
         value = self.get(key, default)
-        if value is None:
-            raise ValueError(f"config.json: missing required {self.family} field {key!r}")
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 1:
-            raise ValueError(f"config.json: {key}={value!r} must be a positive integer")
-        return int(value)
+        if value is None and required:
+            raise ValueError(f"missing required {self.family} field {key!r}")
+        return value
 
-    def float(self, key: str, default=None) -> float:
+    def int(self, key: str, default=None, minimum: int = 1, required: bool = True) -> int | None:
+        """An integer field (at least `minimum`); None when absent and not `required`."""
+        value = self._required(key, default, required)
+        return None if value is None else check_int(key, value, minimum)
+
+    def float(self, key: str, default=None, positive: bool = False, required: bool = True) -> float | None:
+        """A finite number (positive if `positive`); None when absent and not `required`."""
+        value = self._required(key, default, required)
+        return None if value is None else check_float(key, value, positive)
+
+    def bool(self, key: str, default: bool) -> bool:
+        """A JSON ``true`` / ``false`` field (``1``, ``"false"`` and the like are refused)."""
         value = self.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"config.json: {key}={value!r} must be a finite number")
-        return float(value)
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}={value!r} must be true or false")
+        return value
 
     def refuse(self, key: str, why: str):
-        raise ValueError(f"config.json: {key}={self.raw.get(key)!r} is not supported for "
+        raise ValueError(f"{key}={self.raw.get(key)!r} is not supported for "
                          f"{self.family}: {why}")
 
     def finish(self) -> None:
         for key, allowed in REQUIRED_VALUES.items():
-            if self.raw.get(key) not in (allowed, None):
+            value = self.raw.get(key)
+            if value is not None and value is not allowed:  # `is`: 0 is not False
                 self.refuse(key, f"only {allowed!r} is implemented")
         unknown = sorted(set(self.raw) - self.read - HARMLESS_FIELDS - set(REQUIRED_VALUES))
         if unknown:
             raise ValueError(
-                f"config.json: field(s) {', '.join(map(repr, unknown))} are not implemented by "
+                f"field(s) {', '.join(map(repr, unknown))} are not implemented by "
                 f"attrpatch's {self.family} model, and may change the computation; refusing rather "
                 "than ignoring them. Remove a field from config.json only if you know it does not "
                 "affect the forward pass."
@@ -83,28 +114,30 @@ def read_rope(c: HFConfig, default_theta: float = 10000.0) -> dict:
     """Rotary settings from either config format (``rope_parameters``, or the older
     ``rope_theta`` + ``rope_scaling``; GPT-NeoX's ``rotary_emb_base`` / ``rotary_pct``), as
     `ModelConfig` fields plus ``partial_rotary_factor``. Unimplemented scaling types are refused."""
-    params = dict(c.get("rope_parameters", {}))
-    scaling = c.get("rope_scaling")
-    if scaling is not None:
-        if not isinstance(scaling, dict):
-            c.refuse("rope_scaling", "expected an object")
-        params = scaling | params
+    params = {}
+    for key in ("rope_scaling", "rope_parameters"):  # rope_parameters wins where both give a field
+        value = c.get(key, {})
+        if not isinstance(value, dict):
+            c.refuse(key, "expected an object")
+        params |= value
     theta = params.pop("rope_theta", c.get("rope_theta", c.get("rotary_emb_base", default_theta)))
     partial = params.pop("partial_rotary_factor",
                          c.get("partial_rotary_factor", c.get("rotary_pct", 1.0)))
     rope_type = params.pop("rope_type", params.pop("type", "default"))
-    if rope_type not in _ROPE_KEYS:
-        raise ValueError(f"config.json: rope scaling type {rope_type!r} is not supported; "
+    if not isinstance(rope_type, str) or rope_type not in _ROPE_KEYS:
+        raise ValueError(f"rope scaling type {rope_type!r} is not supported; "
                          f"supported: {', '.join(_ROPE_KEYS)}")
     missing = _ROPE_KEYS[rope_type] - set(params)
     extra = set(params) - _ROPE_KEYS[rope_type]
     if missing or extra:
-        raise ValueError(f"config.json: rope type {rope_type!r} needs exactly the fields "
+        raise ValueError(f"rope type {rope_type!r} needs exactly the fields "
                          f"{sorted(_ROPE_KEYS[rope_type])}; missing {sorted(missing)}, "
                          f"not implemented {sorted(extra)}")
-    return {"rope_theta": float(theta), "rope_type": rope_type,
-            "rope_scaling": tuple(sorted((k, float(v)) for k, v in params.items())),
-            "partial_rotary_factor": float(partial)}
+    scaling = {k: check_int(f"rope {k}", v) if k == "original_max_position_embeddings"
+               else check_float(f"rope {k}", v, positive=True) for k, v in params.items()}
+    return {"rope_theta": check_float("rope_theta", theta, positive=True), "rope_type": rope_type,
+            "rope_scaling": tuple(sorted((k, float(v)) for k, v in scaling.items())),
+            "partial_rotary_factor": check_float("partial_rotary_factor", partial, positive=True)}
 
 
 def write_rope(cfg) -> dict:
@@ -116,18 +149,18 @@ def write_rope(cfg) -> dict:
     return out
 
 
-def read_windows(c: HFConfig, n_layers: int, sliding_window, default_types) -> tuple | None:
-    """Per-layer windows from ``layer_types`` (``"sliding_attention"`` / ``"full_attention"``),
-    or `default_types` when the config has none."""
+def read_windows(c: HFConfig, n_layers: int, sliding_window: int | None, default_types) -> tuple | None:
+    """Per-layer windows of `sliding_window` tokens (checked by the caller) from ``layer_types``
+    (``"sliding_attention"`` / ``"full_attention"``), or `default_types` when the config has none."""
     types = c.get("layer_types", default_types)
     if types is None or sliding_window is None:
         return None
     if not isinstance(types, list) or len(types) != n_layers:
         c.refuse("layer_types", f"expected a list of {n_layers} layer types")
-    bad = sorted(set(types) - {"sliding_attention", "full_attention"})
+    bad = [t for t in types if t not in ("sliding_attention", "full_attention")]
     if bad:
         c.refuse("layer_types", f"layer type(s) {bad} are not implemented")
-    windows = tuple(int(sliding_window) if t == "sliding_attention" else None for t in types)
+    windows = tuple(sliding_window if t == "sliding_attention" else None for t in types)
     return windows if any(w is not None for w in windows) else None
 
 

@@ -22,17 +22,17 @@ def config_from_hf(raw: dict) -> ModelConfig:
     act = c.get("activation_function", "gelu_new")
     if act not in ACTIVATIONS:
         c.refuse("activation_function", f"supported: {', '.join(ACTIVATIONS)}")
-    if c.get("scale_attn_weights", True) is not True:
+    if not c.bool("scale_attn_weights", True):
         c.refuse("scale_attn_weights", "unscaled attention logits are not implemented")
-    c.get("reorder_and_upcast_attn")  # a numerical-precision option: we compute logits in float32
+    c.bool("reorder_and_upcast_attn", False)  # a numerical-precision option: we compute logits in float32
     cfg = ModelConfig(
         architecture="gpt2",
         n_layers=c.int("n_layer"), d_model=d_model, n_heads=n_heads,
-        d_mlp=c.int("n_inner", 4 * d_model), n_ctx=c.int("n_positions", c.get("n_ctx", 1024)),
-        d_vocab=c.int("vocab_size"), norm_eps=c.float("layer_norm_epsilon", 1e-5), act_fn=act,
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", True)),
-        scale_attn_by_inverse_layer_idx=bool(c.get("scale_attn_by_inverse_layer_idx", False)),
-        attn_only=bool(c.get("attrpatch_attn_only", False)),
+        d_mlp=c.int("n_inner", 4 * d_model), n_ctx=c.int("n_positions", c.int("n_ctx", 1024)),
+        d_vocab=c.int("vocab_size"), norm_eps=c.float("layer_norm_epsilon", 1e-5, positive=True), act_fn=act,
+        tie_word_embeddings=c.bool("tie_word_embeddings", True),
+        scale_attn_by_inverse_layer_idx=c.bool("scale_attn_by_inverse_layer_idx", False),
+        attn_only=c.bool("attrpatch_attn_only", False),
     )
     c.finish()
     return cfg

@@ -48,7 +48,7 @@ def config_from_hf(raw: dict) -> ModelConfig:
     n_layers = c.int("num_hidden_layers")
     n_kv = c.int("num_key_value_heads", n_heads)
     if n_heads % n_kv:
-        raise ValueError(f"config.json: num_attention_heads={n_heads} is not a multiple of "
+        raise ValueError(f"num_attention_heads={n_heads} is not a multiple of "
                          f"num_key_value_heads={n_kv}")
     head_dim = c.int("head_dim", d_model // n_heads)
     # Gemma's configs name the MLP activation `hidden_activation` (preferred when set)
@@ -60,31 +60,33 @@ def config_from_hf(raw: dict) -> ModelConfig:
     rotary_dim = int(head_dim * rope.pop("partial_rotary_factor"))
     fields = {}
     if model_type == "qwen2":
-        window = c.get("sliding_window") if c.get("use_sliding_window", False) else None
-        first = c.get("max_window_layers", n_layers)
+        use_window = c.bool("use_sliding_window", False)
+        window = c.int("sliding_window", required=False)  # checked even when unused: Qwen2 configs keep it
+        first = c.int("max_window_layers", n_layers, minimum=0)
         default = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
-        fields["windows"] = read_windows(c, n_layers, window, default)
+        fields["windows"] = read_windows(c, n_layers, window if use_window else None, default)
         fields |= dict(qkv_bias=True, attn_out_bias=False, mlp_bias=False)
     elif model_type == "mistral":
         every = ["sliding_attention"] * n_layers
-        fields["windows"] = read_windows(c, n_layers, c.get("sliding_window"), every)
+        fields["windows"] = read_windows(c, n_layers, c.int("sliding_window", required=False), every)
         fields |= dict(qkv_bias=False, attn_out_bias=False, mlp_bias=False)
     elif model_type == "gemma2":
         default = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
-        fields["windows"] = read_windows(c, n_layers, c.get("sliding_window"), default)
-        fields |= dict(attn_scale=math.sqrt(c.float("query_pre_attn_scalar", head_dim)),
-                       attn_softcap=c.get("attn_logit_softcapping"),
-                       final_softcap=c.get("final_logit_softcapping"), post_norms=True)
+        fields["windows"] = read_windows(c, n_layers, c.int("sliding_window", required=False), default)
+        fields |= dict(attn_scale=math.sqrt(c.float("query_pre_attn_scalar", head_dim, positive=True)),
+                       attn_softcap=c.float("attn_logit_softcapping", positive=True, required=False),
+                       final_softcap=c.float("final_logit_softcapping", positive=True, required=False),
+                       post_norms=True)
     if model_type in ("llama", "gemma", "gemma2"):
-        bias = bool(c.get("attention_bias", False))
-        fields |= dict(qkv_bias=bias, attn_out_bias=bias, mlp_bias=bool(c.get("mlp_bias", False)))
+        bias = c.bool("attention_bias", False)
+        fields |= dict(qkv_bias=bias, attn_out_bias=bias, mlp_bias=c.bool("mlp_bias", False))
     cfg = ModelConfig(
         architecture=model_type, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
         n_kv_heads=n_kv, head_dim=head_dim, d_mlp=c.int("intermediate_size"),
         n_ctx=c.int("max_position_embeddings"), d_vocab=c.int("vocab_size"), norm="rmsnorm",
-        norm_eps=c.float("rms_norm_eps", 1e-6), positions="rotary", rotary_dim=rotary_dim, **rope,
-        gated_mlp=True, act_fn=act,
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", _is_gemma(model_type))), **fields,
+        norm_eps=c.float("rms_norm_eps", 1e-6, positive=True), positions="rotary", rotary_dim=rotary_dim,
+        **rope, gated_mlp=True, act_fn=act,
+        tie_word_embeddings=c.bool("tie_word_embeddings", _is_gemma(model_type)), **fields,
     )
     c.finish()
     return cfg

@@ -25,15 +25,15 @@ def config_from_hf(raw: dict) -> ModelConfig:
         c.refuse("hidden_act", f"supported: {', '.join(ACTIVATIONS)}")
     rope = read_rope(c)
     head_dim = d_model // n_heads
-    bias = bool(c.get("attention_bias", True))
+    bias = c.bool("attention_bias", True)
     cfg = ModelConfig(
         architecture="gpt_neox", n_layers=c.int("num_hidden_layers"), d_model=d_model,
         n_heads=n_heads, d_mlp=c.int("intermediate_size"), n_ctx=c.int("max_position_embeddings"),
-        d_vocab=c.int("vocab_size"), norm_eps=c.float("layer_norm_eps", 1e-5), positions="rotary",
-        rotary_dim=int(head_dim * rope.pop("partial_rotary_factor")), **rope,
-        parallel_attn_mlp=bool(c.get("use_parallel_residual", True)), act_fn=act,
+        d_vocab=c.int("vocab_size"), norm_eps=c.float("layer_norm_eps", 1e-5, positive=True),
+        positions="rotary", rotary_dim=int(head_dim * rope.pop("partial_rotary_factor")), **rope,
+        parallel_attn_mlp=c.bool("use_parallel_residual", True), act_fn=act,
         qkv_bias=bias, attn_out_bias=bias, mlp_bias=True,
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        tie_word_embeddings=c.bool("tie_word_embeddings", False),
     )
     c.finish()
     return cfg
