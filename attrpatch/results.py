@@ -52,6 +52,9 @@ GRANULARITIES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 DIRECTIONS = ("denoise", "noise")
 
+# Estimators of patch effects (`attrpatch.attribute(method=...)`); "exact" is `attrpatch.patch`.
+ESTIMATORS = ("atp", "atp_star", "ig", "ig_inputs")
+
 # Site families, for validation and reports.
 FAMILIES: dict[str, tuple[str, ...]] = {
     "residual stream": ("resid_pre", "resid_mid", "resid_post"),
@@ -136,7 +139,8 @@ class Scores:
 
 @dataclasses.dataclass
 class PatchResults:
-    """Everything one method (``"atp"`` or ``"exact"``) measured on one task.
+    """Everything one method (an estimator of :data:`ESTIMATORS`, or ``"exact"``) measured on
+    one task.
 
     `base_metric` is the unpatched base run's batch metric (corrupted for denoise, clean for noise)
     and `source_metric` the run the patched activations come from (for ablations, which have
@@ -144,6 +148,11 @@ class PatchResults:
     run all the way would change. `source` is ``"default"`` (the other run's activations) or
     the ablation (``"zero"``, ``"mean"``, ``"resample"``); `complete` is False when a sweep was
     interrupted (NaN where not computed).
+
+    `graddrop` (``atp_star`` only): granularity -> unsigned GradDrop magnitude estimate per
+    component (AtP* section 3.1.2), the cancellation-proof ranking signal beside the signed
+    `scores`. `cost_forwards`: the estimator's cost in forward-pass equivalents (a backward
+    counts as two forwards).
     """
 
     method: str
@@ -157,6 +166,8 @@ class PatchResults:
     seconds: float | None = None
     source: str = "default"
     complete: bool = True
+    graddrop: dict[str, np.ndarray] | None = None
+    cost_forwards: float | None = None
 
     @property
     def gap(self) -> float:
@@ -168,3 +179,11 @@ class PatchResults:
 
     def __getitem__(self, granularity: str) -> np.ndarray:
         return self.scores[granularity].values
+
+    def ranking(self, granularity: str) -> np.ndarray:
+        """How much each component may matter, ``[*axes]`` (>= 0): |estimate|, or for AtP*
+        the larger of |estimate| and GradDrop's magnitude (what verification orders by)."""
+        score = np.abs(np.nan_to_num(np.asarray(self[granularity], float)))
+        if self.graddrop is not None and granularity in self.graddrop:
+            score = np.maximum(score, np.asarray(self.graddrop[granularity], float))
+        return score
