@@ -1,16 +1,41 @@
-"""Attribution patching (AtP): the first-order estimate of every patch at once.
+"""Gradient estimators of every patch at once: AtP, AtP* and integrated gradients.
 
-For a patch that moves site activation ``a`` from the base run's value to the source run's,
-AtP estimates the metric change as ``(a_source - a_base) . dMetric/da``, the gradient taken at
-the base run (Nanda 2023). One jitted computation does everything: a source forward caching
-the requested sites, and one base forward + backward with respect to zero-valued deltas added
-at every requested site (`Interventions(delta=...)`), never one backward per site. Only the
-answer positions are unembedded. Activation differences before a prompt's first differing token
-are exactly zero by causality and are set so (not left to rounding).
+For a patch that moves site activation ``a`` from the base run's value to the source run's, each
+estimator gives ``(a_source - a_base) . w``, summed over the component, for some weight ``w``:
 
-Numerical notes: AtP is exact for sites whose path to the metric is linear (and for a model made
-linear); elsewhere it is a tangent-line estimate that can miss saturation (softmax, LayerNorm,
-GELU) and cancellation. Compare with `attrpatch` exact patching before trusting a small score.
+| method | ``w`` | cost (forwards; a backward counts 2) |
+| --- | --- | --- |
+| ``atp`` | dMetric/da at the base run (Nanda 2023) | 4 |
+| ``atp_star`` | as ``atp``; q/k by the QK fix; GradDrop magnitudes beside | 4 + 3 n_layers |
+| ``ig`` | dMetric/da averaged along a_base -> a_source, one layer's site moved | 2 + 3 steps layers sites |
+| ``ig_inputs`` | dMetric/da averaged along the line between the input embeddings | 2 + 3 steps |
+
+**AtP*** (Kramár, Lieberum, Shah, Nanda 2024, arXiv 2403.00745):
+
+- *QK fix* (section 3.1.1). A query or key only acts through its head's attention pattern, which
+  is a softmax: linearising through it misses saturation. For ``q``, ``q_by_pos``, ``k`` and
+  ``k_by_pos`` the patched head's attention logits are recomputed exactly (the source run's
+  queries against the base run's keys, or the reverse), the softmax taken, and only the rest is
+  linearised: ``sum (A_patched - A_base) * dMetric/dA``. A key patched at one position changes
+  one logit per query row, so every row's new softmax follows from the base row's in O(1), and
+  all positions of a head cost O(T^2), not a rerun per position. Grouped-query models: a key
+  head's estimate sums over the query heads that read it.
+- *GradDrop* (section 3.1.2). Cancelling paths make a gradient small even where a patch matters.
+  For each layer ``l`` the backward is rerun with the gradient through that layer's writes to the
+  residual stream (``hook_attn_out`` and ``hook_mlp_out``) zeroed; the GradDrop estimate is
+  ``sum_l |estimate_l| / (n_layers - 1)``, as the paper defines it: an *unsigned* magnitude
+  (`PatchResults.graddrop`), a ranking signal for false negatives, not an effect. The signed
+  ``atp_star`` scores are the QK-fixed AtP. Cost: ``n_layers`` extra forwards and backwards.
+
+**Integrated gradients** (Sundararajan et al. 2017) use the midpoint rule with ``steps`` points
+``alpha = (i + 1/2) / steps``, whose error falls as 1/steps^2 along a smooth path. ``ig``
+("IG-activations", Marks et al. 2024) moves one layer's site at a time, so its cost grows as
+sites x layers x steps; ``ig_inputs`` (as EAP-IG, Hanna et al. 2024) interpolates only the input
+embeddings and reads every site's gradient from the same ``steps`` backwards.
+
+Every estimator: one jitted computation, only the answer positions unembedded, activation
+differences before a prompt's first differing token exactly zero (by causality). Compare with
+`attrpatch.patch` (exact patching) through `attrpatch.validate` before trusting a small score.
 """
 
 from __future__ import annotations
@@ -24,72 +49,215 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attrpatch.arch import transformer as T
 from attrpatch.interventions import Interventions
 from attrpatch.model import Model
 from attrpatch.results import (
     DIRECTIONS,
+    ESTIMATORS,
     GRANULARITIES,
     PatchResults,
     Scores,
     check_granularities,
     reduce_to_grid,
 )
-from attrpatch.sites import site_axes
+from attrpatch.sites import block_keys, site_axes
 from attrpatch.task import MetricFn, MetricReference, Task, check_reference, resolve_metric
+
+# Granularities whose components act only through their head's attention pattern (QK fix).
+QK_GRANULARITIES = ("q", "k", "q_by_pos", "k_by_pos")
+# The sites that write a layer's output into the residual stream (GradDrop cuts them).
+_WRITES = ("hook_attn_out", "hook_mlp_out")
+
+
+def estimator_cost(method: str, n_layers: int, steps: int = 5, n_sites: int = 1) -> float:
+    """Nominal cost of an estimator in forward passes (a backward counts as two), for a model of
+    `n_layers` and `n_sites` distinct sites (``ig`` only). The QK fix's recomputed attention
+    logits are not counted (one head's logits, far less than a forward)."""
+    return {"atp": 4.0, "atp_star": 4.0 + 3.0 * n_layers, "ig": 2.0 + 3.0 * steps * n_layers * n_sites,
+            "ig_inputs": 2.0 + 3.0 * steps}[method]
+
+
+def _qk_keys(cfg) -> tuple[str, str]:
+    """The query and key sites the attention logits are computed from (after rotary, if any)."""
+    if cfg.positions == "rotary":
+        return "attn.hook_rot_q", "attn.hook_rot_k"
+    return "attn.hook_q", "attn.hook_k"
+
+
+def _group_heads(x, cfg, axis: int):
+    """Sum query heads ``[..., head, ...]`` (at `axis`) into the kv heads they read."""
+    shape = x.shape[:axis] + (cfg.kv_heads, cfg.n_heads // cfg.kv_heads) + x.shape[axis + 1:]
+    return x.reshape(shape).sum(axis + 1)
+
+
+def qk_fixed(cfg, base: dict, source: dict, pattern_grad, changed, attention_mask,
+             granularities: Sequence[str]) -> dict:
+    """QK-fixed estimates (AtP* section 3.1.1) of the q/k granularities, per prompt.
+
+    **Arguments:** `base`, `source`: caches with the query and key sites of :func:`_qk_keys`
+    (``[layer, batch, pos, head, d_head]``); `pattern_grad`: dMetric/dA
+    ``[layer, batch, head, query_pos, key_pos]`` at the base run; `changed` ``[batch, pos]``:
+    positions at or after the prompt's first differing token; `granularities`: which of
+    :data:`QK_GRANULARITIES` to return.
+
+    **Returns:** granularity -> ``[batch, *axes]``.
+    """
+    qkey, kkey = _qk_keys(cfg)
+    batch, n_pos = changed.shape
+    positions = jnp.broadcast_to(jnp.arange(n_pos), (batch, n_pos))
+    real = None if attention_mask is None else attention_mask > 0
+    consts = T.layer_constants(cfg)
+    keep = jax.vmap(lambda w: T.keep_mask(positions, positions, w, real))(consts["window"])
+
+    def logits(q, k):  # [layer, batch, head, query_pos, key_pos]
+        return jax.vmap(lambda q, k, keep, s: T.attention_scores(q, k, keep, s, cfg))(
+            q, k, keep, consts["scale"])
+
+    at_changed = changed[None, :, :, None, None]
+    q_base, k_base = base[qkey], base[kkey]
+    s_base = logits(q_base, k_base)
+    a_base = jax.nn.softmax(s_base, -1)
+    g = pattern_grad.astype(a_base.dtype)
+    row_base = (a_base * g).sum(-1)  # [layer, batch, head, query_pos]
+    out = {}
+    if {"q", "q_by_pos"} & set(granularities):
+        # Each query row is recomputed with the source query: the rows change independently.
+        a_q = jax.nn.softmax(logits(jnp.where(at_changed, source[qkey], q_base), k_base), -1)
+        per_row = ((a_q * g).sum(-1) - row_base) * changed[None, :, None, :]
+        out["q_by_pos"] = jnp.moveaxis(per_row, (0, 2), (1, 3))  # [batch, layer, pos, head]
+        out["q"] = per_row.sum(-1).swapaxes(0, 1)  # [batch, layer, head]
+    if "k" in granularities:
+        a_k = jax.nn.softmax(logits(q_base, jnp.where(at_changed, source[kkey], k_base)), -1)
+        per_head = ((a_k * g).sum(-1) - row_base).sum(-1)  # [layer, batch, head]
+        out["k"] = _group_heads(per_head, cfg, 2).swapaxes(0, 1)
+    if "k_by_pos" in granularities:
+        # Key s patched alone: row t's logit at s moves to s_new; with l = logsumexp of the row,
+        # log Z_new = logaddexp(log(1 - A[t,s]), s_new - l), the other entries scale by 1/Z_new.
+        s_new = logits(q_base, source[kkey])
+        log_new = s_new - jax.scipy.special.logsumexp(s_base, -1, keepdims=True)
+        log_z = jnp.logaddexp(jnp.log1p(-jnp.minimum(a_base, 1.0)), log_new)
+        new_row = (jnp.exp(-log_z) * (row_base[..., None] - a_base * g)
+                   + jnp.exp(log_new - log_z) * g)
+        per_entry = jnp.where(keep & changed[None, :, None, None, :], new_row - row_base[..., None], 0)
+        per_key = _group_heads(per_entry.sum(-2), cfg, 2)  # [layer, batch, kv_head, key_pos]
+        out["k_by_pos"] = jnp.moveaxis(per_key, (0, 2), (1, 3))  # [batch, layer, pos, kv_head]
+    return {g_: out[g_] for g_ in granularities}
+
+
+def _changed_like(key: str, x, changed):
+    """`changed` ``[batch, pos]`` shaped to broadcast against site `key`'s array `x`
+    (``[layer, batch, ...]`` for block sites, ``[batch, pos, d]`` for ``hook_embed``)."""
+    if key == "hook_embed":
+        return changed[:, :, None]
+    axes = site_axes(key)  # the array has a leading layer axis before these
+    shape = [1] * x.ndim
+    shape[1], shape[1 + axes.index("pos" if "pos" in axes else "query_pos")] = changed.shape
+    return changed.reshape(shape)
 
 
 @partial(
     jax.jit,
-    static_argnames=("keys", "granularities", "direction", "metric_fn", "per_prompt", "remat"),
+    static_argnames=("keys", "granularities", "direction", "metric_fn", "per_prompt", "remat",
+                     "method", "steps"),
 )
-def _atp(model, task, first_diff, keys, granularities, direction, metric_fn, per_prompt, remat):
+def _estimate(model, task, first_diff, keys, granularities, direction, metric_fn, per_prompt,
+              remat, method, steps):
+    cfg = model.config
     base_tokens, source_tokens = task.runs(direction)
     mask, positions = task.attention_mask, task.answer_positions
+    qk = tuple(g for g in granularities if g in QK_GRANULARITIES) if method == "atp_star" else ()
+    grad_keys = tuple(sorted(set(keys) | ({"attn.hook_pattern"} if qk else set())))
+    extra = set(_qk_keys(cfg)) if qk else set()
+    if method == "ig_inputs":
+        extra.add("hook_embed")
+    cache_keys = tuple(sorted(set(grad_keys) | extra))
 
     source_logits, source_cache = model.run(
-        source_tokens, mask, cache_keys=keys, logit_positions=positions
+        source_tokens, mask, cache_keys=cache_keys, logit_positions=positions
     )
     # Deltas (hence gradients) in at least float32, float64 for a float64 model.
-    dtypes = {k: jnp.promote_types(source_cache[k].dtype, jnp.float32) for k in keys}
-    deltas = {k: jnp.zeros(source_cache[k].shape, dtypes[k]) for k in keys}
+    dtypes = {k: jnp.promote_types(source_cache[k].dtype, jnp.float32) for k in cache_keys}
+    zeros = {k: jnp.zeros(source_cache[k].shape, dtypes[k]) for k in grad_keys}
 
-    def base_run(deltas):
+    def base_run(deltas, grad_scale=None):
         return model.run(
-            base_tokens, mask, Interventions(delta=deltas), cache_keys=keys,
+            base_tokens, mask, Interventions(delta=deltas, grad_scale=grad_scale), cache_keys=cache_keys,
             logit_positions=positions, remat=remat,
         )
 
-    base_logits, pullback, base_cache = jax.vjp(base_run, deltas, has_aux=True)
+    base_logits, pullback, base_cache = jax.vjp(base_run, zeros, has_aux=True)
     if direction == "denoise":
         reference = MetricReference(source_logits, base_logits)
     else:
         reference = MetricReference(base_logits, source_logits)
     # The reference is held fixed (as in exact patching): differentiate w.r.t. the logits only.
     per_prompt_metric = lambda logits: metric_fn(logits, task, reference)
-    logit_grad = jax.grad(lambda logits: per_prompt_metric(logits).sum())(base_logits)
-    (grads,) = pullback(logit_grad)
 
-    values, prompts = {}, {}
+    def grads_at(deltas, grad_scale=None):
+        """dMetric/d(deltas) (per prompt, summed: prompts do not interact) at the given deltas."""
+        return jax.grad(lambda d: per_prompt_metric(base_run(d, grad_scale)[0]).sum())(deltas)
+
     # Causality: before a prompt's first differing token both runs are the same computation, so
     # their activations differ only by compilation (the base run is differentiated, the source
     # run not): the difference there is exactly zero, as in exact patching.
     changed = jnp.arange(base_tokens.shape[1])[None] >= first_diff[:, None]  # [batch, pos]
-    for key in keys:
-        diff = source_cache[key].astype(dtypes[key]) - base_cache[key].astype(dtypes[key])
-        axes = site_axes(key)  # the cache adds a leading layer axis
-        shape = [1] * diff.ndim
-        shape[1], shape[1 + axes.index("pos" if "pos" in axes else "query_pos")] = changed.shape
-        diff = jnp.where(changed.reshape(shape), diff, 0)
-        product = diff * grads[key]
+    diffs = {}
+    for key in cache_keys:
+        d = source_cache[key].astype(dtypes[key]) - base_cache[key].astype(dtypes[key])
+        diffs[key] = jnp.where(_changed_like(key, d, changed), d, 0)
+
+    def grids(weights):
+        """Per-prompt grids ``[batch, *axes]`` of every granularity from gradient-like weights."""
+        out = qk_fixed(cfg, base_cache, source_cache, weights["attn.hook_pattern"], changed, mask,
+                       qk) if qk else {}
         for g in granularities:
-            if GRANULARITIES[g][0] == key:
-                grid = reduce_to_grid(product, key, g)  # [batch, *axes]
-                values[g] = grid.mean(0)
-                if per_prompt:
-                    prompts[g] = grid
+            if g not in out:
+                key = GRANULARITIES[g][0]
+                out[g] = reduce_to_grid(diffs[key] * weights[key], key, g)
+        return out
+
+    graddrop = None
+    if method in ("atp", "atp_star"):
+        logit_grad = jax.grad(lambda logits: per_prompt_metric(logits).sum())(base_logits)
+        (weights,) = pullback(logit_grad)
+    elif method == "ig":
+        alphas = (jnp.arange(steps) + 0.5) / steps
+        weights = {}
+        for key in grad_keys:  # one site, one layer at a time: the rest of the model recomputed
+            n_layers = diffs[key].shape[0]
+
+            def step(acc, layer_alpha, key=key):
+                layer, alpha = layer_alpha
+                moved = zeros[key].at[layer].set(alpha * diffs[key][layer])
+                return acc.at[layer].add(grads_at({key: moved})[key][layer] / steps), None
+
+            pairs = (jnp.repeat(jnp.arange(n_layers), steps), jnp.tile(alphas, n_layers))
+            weights[key], _ = jax.lax.scan(step, zeros[key], pairs)
+    else:  # ig_inputs: interpolate the input embeddings; every site's gradient from one pass
+        alphas = (jnp.arange(steps) + 0.5) / steps
+
+        def step(acc, alpha):
+            g = grads_at(dict(zeros, hook_embed=alpha * diffs["hook_embed"]))
+            return {k: acc[k] + g[k] / steps for k in grad_keys}, None
+
+        weights, _ = jax.lax.scan(step, zeros, alphas)
+
+    per = grids(weights)
+    if method == "atp_star":
+        writes = tuple(k for k in _WRITES if k in block_keys(cfg))
+
+        def dropped(layer):
+            cut = (jnp.arange(cfg.n_layers) != layer).astype(jnp.float32)
+            w = grads_at(zeros, {k: cut for k in writes})
+            return {g: jnp.abs(v.mean(0)) for g, v in grids(w).items()}
+
+        summed = jax.tree.map(lambda x: x.sum(0), jax.lax.map(dropped, jnp.arange(cfg.n_layers)))
+        graddrop = {g: v / max(cfg.n_layers - 1, 1) for g, v in summed.items()}
     return dict(
-        values=values,
-        per_prompt=prompts,
+        values={g: v.mean(0) for g, v in per.items()},
+        per_prompt=per if per_prompt else {},
+        graddrop=graddrop,
         base=per_prompt_metric(base_logits),
         source=per_prompt_metric(source_logits),
         reference=reference,
@@ -104,8 +272,10 @@ def attribute(
     metric: str | MetricFn | None = None,
     per_prompt: bool = False,
     remat: bool = False,
+    method: str = "atp",
+    steps: int = 5,
 ) -> PatchResults:
-    """Attribution-patching scores for every component of the requested granularities.
+    """Estimated patching effects of every component of the requested granularities.
 
     **Arguments:**
 
@@ -122,31 +292,42 @@ def attribute(
       function object to reuse the compilation.
     - `per_prompt`: also return ``[prompt, *axes]`` scores (from the same backward).
     - `remat`: rematerialise each block in the backward (less memory, about one more forward).
+    - `method`: the estimator, one of :data:`attrpatch.results.ESTIMATORS` (see the module
+      docstring for what each computes and costs): ``"atp"``, ``"atp_star"`` (costs
+      ``n_layers`` more forwards and backwards than ``atp``), ``"ig"`` (cost linear in
+      `steps` x layers x sites), ``"ig_inputs"`` (cost linear in `steps`).
+    - `steps`: integration points of ``ig`` and ``ig_inputs`` (midpoint rule).
 
-    **Returns:** :class:`attrpatch.PatchResults` with ``method="atp"``; ``scores[g].values`` has
+    **Returns:** :class:`attrpatch.PatchResults` with ``method`` set; ``scores[g].values`` has
     the granularity's axes (e.g. ``[layer, head]`` for ``z``) and is the batch mean of the
-    per-prompt scores.
+    per-prompt scores; ``graddrop`` (``atp_star``) the unsigned GradDrop magnitudes;
+    ``cost_forwards`` the nominal cost (:func:`estimator_cost`).
 
-    Raises `ValueError` for an unknown granularity, direction or metric, or a task the model
-    cannot run.
+    Raises `ValueError` for an unknown granularity, direction, method or metric, a bad `steps`,
+    or a task the model cannot run.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if method not in ESTIMATORS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(ESTIMATORS)} "
+                         "(exact effects come from attrpatch.patch)")
+    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
     granularities = check_granularities(granularities, model.config)
     task.check_for(model)
     metric_name, metric_fn = resolve_metric(metric, task)
-    if metric_name == "kl" and direction == "noise":
+    if metric_name == "kl" and direction == "noise" and method in ("atp", "atp_star"):
         warnings.warn(
-            "AtP with metric='kl' and direction='noise' is zero everywhere: the KL divergence from "
-            "the clean distribution is at its minimum on the clean run, so its gradient there "
-            "vanishes. Use exact patching, direction='denoise', or another metric.",
+            f"{method} with metric='kl' and direction='noise' is zero everywhere: the KL divergence "
+            "from the clean distribution is at its minimum on the clean run, so its gradient there "
+            "vanishes. Use method='ig', exact patching, direction='denoise', or another metric.",
             stacklevel=2,
         )
     keys = tuple(sorted({GRANULARITIES[g][0] for g in granularities}))
 
     start = time.perf_counter()
-    out = _atp(model, task, jnp.asarray(task.first_diff_positions), keys, granularities, direction,
-               metric_fn, bool(per_prompt), bool(remat))
+    out = _estimate(model, task, jnp.asarray(task.first_diff_positions), keys, granularities,
+                    direction, metric_fn, bool(per_prompt), bool(remat), method, int(steps))
     out = jax.device_get(out)
     seconds = time.perf_counter() - start
     check_reference(metric_name, task, out["reference"])
@@ -160,8 +341,9 @@ def attribute(
         for g in granularities
     }
     base, source = np.asarray(out["base"]), np.asarray(out["source"])
+    graddrop = out["graddrop"] and {g: np.asarray(v) for g, v in out["graddrop"].items()}
     return PatchResults(
-        method="atp",
+        method=method,
         direction=direction,
         metric=metric_name,
         base_metric=float(base.mean()),
@@ -170,4 +352,6 @@ def attribute(
         base_metric_per_prompt=base,
         source_metric_per_prompt=source,
         seconds=seconds,
+        graddrop=graddrop,
+        cost_forwards=estimator_cost(method, model.config.n_layers, int(steps), len(keys)),
     )

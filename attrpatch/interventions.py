@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
@@ -41,23 +42,30 @@ class Interventions(eqx.Module):
     - `delta`: site key -> array added to the activation. Attribution differentiates with
       respect to zero-valued deltas.
     - `patch`: site key -> :class:`Patch`, a masked replacement (exact patching, ablations).
+    - `grad_scale`: site key -> array (broadcast against the activation) by which the gradient
+      flowing back through the site is multiplied; the forward value is unchanged. 0 drops
+      the gradient there (AtP*'s GradDrop).
 
-    Deltas are applied before patches.
+    Deltas are applied before patches, gradient scaling last.
     """
 
     delta: dict[str, Array]
     patch: dict[str, Patch]
+    grad_scale: dict[str, Array]
 
     def __init__(self, delta: Mapping[str, Array] | None = None,
-                 patch: Mapping[str, Patch] | None = None):
+                 patch: Mapping[str, Patch] | None = None,
+                 grad_scale: Mapping[str, Array] | None = None):
         self.delta = dict(delta or {})
         self.patch = dict(patch or {})
+        self.grad_scale = dict(grad_scale or {})
 
     def layer_slice(self, keys: frozenset[str]) -> Interventions:
         """The block-site part (still stacked over layers), for the layer scan."""
         return Interventions(
             {k: v for k, v in self.delta.items() if k in keys},
             {k: v for k, v in self.patch.items() if k in keys},
+            {k: v for k, v in self.grad_scale.items() if k in keys},
         )
 
 
@@ -71,4 +79,7 @@ def site(name: str, x: Array, iv: Interventions) -> Array:
     if name in iv.patch:
         p = iv.patch[name]
         x = jnp.where(p.mask, p.source.astype(x.dtype), x)
+    if name in iv.grad_scale:
+        scale = iv.grad_scale[name].astype(x.dtype)
+        x = scale * x + jax.lax.stop_gradient((1 - scale) * x)
     return x

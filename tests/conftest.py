@@ -83,3 +83,24 @@ def tiny_model():
     path = tempfile.mkdtemp(prefix="attrpatch-tiny-")
     torch_model.save_pretrained(path)
     return load_model(path), torch_model
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    """`family(name) -> (attrpatch model, torch model, checkpoint dir)` for a family of
+    tests/families.py, built once per name."""
+    from families import build_hf
+
+    from attrpatch import load_model
+
+    built = {}
+
+    def get(name):
+        if name not in built:
+            torch_model = build_hf(name)
+            path = tmp_path_factory.mktemp(name)
+            torch_model.save_pretrained(path)
+            built[name] = (load_model(path), torch_model, path)
+        return built[name]
+
+    return get

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from attrpatch import Interventions, Model, Patch, Task, load_model
-from attrpatch.attribution import _atp, attribute
+from attrpatch.attribution import _estimate, attribute
 from attrpatch.results import GRANULARITIES, grid_shape
 from attrpatch.task import METRICS, MetricReference
 
@@ -437,11 +437,11 @@ def test_remat_and_no_recompile(tiny_model):
         np.testing.assert_allclose(a[g], b[g], rtol=1e-5, atol=1e-7)
         assert np.abs(a[g]).max() > 0
     assert a.metric == "custom"
-    size = _atp._cache_size()
+    size = _estimate._cache_size()
     other = make_task(seed=11)  # same shapes, different tokens
     attribute(model, other, grans, metric=custom)
     attribute(model, task, grans, metric=custom, remat=True)
-    assert _atp._cache_size() == size
+    assert _estimate._cache_size() == size
 
 
 def test_bad_input(tiny_model):

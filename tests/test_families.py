@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 import pytest
-from families import FAMILIES, VOCAB, build_hf, hf_sites
+from families import FAMILIES, VOCAB, hf_sites
 from test_attribution import directional_derivatives
 from test_patching import check, make_task, naive
 
@@ -24,22 +24,6 @@ from attrpatch.results import GRANULARITIES, available_granularities
 ATOL = 1e-4
 NAMES = list(FAMILIES)
 NEURONS = [(0, 3), (1, 5), (1, 40), (0, 47)]  # of d_mlp 48
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    """`family(name) -> (attrpatch model, torch model, checkpoint dir)`, built once per name."""
-    built = {}
-
-    def get(name):
-        if name not in built:
-            torch_model = build_hf(name)
-            path = tmp_path_factory.mktemp(name)
-            torch_model.save_pretrained(path)
-            built[name] = (load_model(path), torch_model, path)
-        return built[name]
-
-    return get
 
 
 def _padded(batch=2, n_pos=8, seed=0):

@@ -154,6 +154,20 @@ def attention_inputs(p: dict, cfg: ModelConfig, resid: Float[Array, "batch pos d
     return q, k, v
 
 
+def attention_scores(q: Float[Array, "batch q head d_head"], k: Float[Array, "batch k kv_head d_head"],
+                     keep: Bool[Array, "batch 1 q k"], scale, cfg: ModelConfig
+                     ) -> Float[Array, "batch head q k"]:
+    """Attention logits (at least float32): query head ``h`` against kv head ``h // group``,
+    divided by `scale`, soft-capped, entries outside `keep` at the dtype's minimum."""
+    b, nq, H, dh = q.shape
+    K = k.shape[2]
+    grouped = q.reshape(b, nq, K, H // K, dh)
+    scores = jnp.einsum("bqkge,bske->bkgqs", grouped, k,
+                        preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+    scores = softcap(scores.reshape(b, H, nq, k.shape[1]) / scale, cfg.attn_softcap)
+    return jnp.where(keep, scores, jnp.finfo(scores.dtype).min)
+
+
 def mix(q: Float[Array, "batch q head d_head"], k: Float[Array, "batch k kv_head d_head"],
         v: Float[Array, "batch k kv_head d_head"], keep: Bool[Array, "batch 1 q k"], scale,
         cfg: ModelConfig, hook: Hook) -> Float[Array, "batch q head d_head"]:
@@ -161,11 +175,7 @@ def mix(q: Float[Array, "batch q head d_head"], k: Float[Array, "batch k kv_head
     are divided by `scale`, soft-capped, masked by `keep`, then pass the scores and pattern hooks."""
     b, nq, H, dh = q.shape
     K = k.shape[2]
-    grouped = q.reshape(b, nq, K, H // K, dh)
-    scores = jnp.einsum("bqkge,bske->bkgqs", grouped, k,
-                        preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
-    scores = softcap(scores.reshape(b, H, nq, k.shape[1]) / scale, cfg.attn_softcap)
-    scores = hook("attn.hook_attn_scores", jnp.where(keep, scores, jnp.finfo(scores.dtype).min))
+    scores = hook("attn.hook_attn_scores", attention_scores(q, k, keep, scale, cfg))
     pattern = hook("attn.hook_pattern", jax.nn.softmax(scores, axis=-1).astype(q.dtype))
     z = jnp.einsum("bkgqs,bske->bqkge", pattern.reshape(b, K, H // K, nq, k.shape[1]), v)
     return z.reshape(b, nq, H, dh)
