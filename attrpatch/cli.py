@@ -2,14 +2,16 @@
 
 - ``attrpatch demo [--model DIR] [--out DIR]``: AtP, exact patching and validation on the shipped
   IOI model (or any checkpoint naming its task in ``attrpatch_task.json``), then the report.
-- ``attrpatch scan --model DIR --data FILE --out DIR [--sites ...] [--methods atp,exact]
-  [--direction denoise|noise] [--metric NAME] [--verify-top K --verify-random R] [--by-pos]``.
+- ``attrpatch scan --model DIR --data FILE --out DIR [--sites ...]
+  [--methods atp,atp_star,ig,ig_inputs,exact] [--steps N] [--direction denoise|noise]
+  [--metric NAME] [--verify-top K --verify-random R] [--by-pos]``.
 - ``attrpatch validate OUT_DIR [--threshold NAME=VALUE ...]``: re-validate saved results (the
   saved diagnostics hold raw estimates, so every threshold is applied afresh).
 
 Outputs (in ``--out``, written into a temporary directory beside it and renamed into place, so a
 failure or Ctrl-C leaves nothing half-written; Ctrl-C exits with code 130): ``results.npz``
-(``atp/<granularity>``, ``exact/<granularity>``), ``diagnostics.npz``, ``results.csv``,
+(``<method>/<granularity>`` for each estimator and ``exact``, ``graddrop/<granularity>`` for
+AtP*), ``diagnostics.npz``, ``results.csv``,
 ``summary.json`` (strict JSON: NaN and infinities are ``null``), PNG figures and a
 self-contained ``report.html``.
 """
@@ -40,6 +42,7 @@ from attrpatch.atomic import replace_dir, staging_dir
 from attrpatch.interrupts import EXIT_INTERRUPTED, deferred_interrupts, raise_if_interrupted
 from attrpatch.results import (
     DEFAULT_GRANULARITIES,
+    ESTIMATORS,
     GRANULARITIES,
     PatchResults,
     Scores,
@@ -47,6 +50,7 @@ from attrpatch.results import (
     check_granularities,
 )
 from attrpatch.task import METRICS
+from attrpatch.validation import recall_keys
 
 # TransformerLens short site names -> granularities (default, extra with --by-pos).
 SITES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -66,7 +70,8 @@ DEFAULT_SITES = DEFAULT_GRANULARITIES  # less the MLP ones on attention-only mod
 DEMO_RANDOM_NEURONS = 32  # exact-verify this many random neurons outside AtP's top 64
 DEMO_SITES = ("resid_pre", "attn_out", "mlp_out", "z", "z_by_pos", "q", "k", "post")
 DEFAULT_MODEL = "ioi-gpt2-4l"
-METHODS = ("atp", "exact")
+METHODS = (*ESTIMATORS, "exact")
+DEMO_METHODS = ("atp", "atp_star", "ig_inputs", "exact")
 
 
 class CLIError(Exception):
@@ -126,7 +131,7 @@ def parse_methods(items) -> tuple[str, ...]:
     """``--methods`` values (comma- or space-separated) -> method names, checked."""
     methods = tuple(dict.fromkeys(split_list(items)))
     if not methods:
-        raise CLIError("--methods needs atp and/or exact")
+        raise CLIError(f"--methods needs one or more of {', '.join(METHODS)}")
     for m in methods:
         if m not in METHODS:
             raise _unknown("--methods value", m, METHODS)
@@ -252,15 +257,28 @@ def results_meta(r: PatchResults | None) -> dict | None:
     return {"method": r.method, "direction": r.direction, "metric": r.metric,
             "source": getattr(r, "source", "default"),
             "base_metric": r.base_metric, "source_metric": r.source_metric, "gap": r.gap,
-            "seconds": r.seconds, "granularities": list(r.scores)}
+            "seconds": r.seconds, "cost_forwards": r.cost_forwards, "granularities": list(r.scores)}
 
 
-def _write_csv(path: Path, results: list[PatchResults], validation, tokens) -> None:
+def comparison(validations: dict) -> dict:
+    """Estimators side by side per site family: ``{family: {method: {verdict, pearson,
+    spearman, recall@K..., n_flags}}}`` from each estimator's :class:`Validation`."""
+    out: dict = {}
+    for method, v in validations.items():
+        for fam, s in v.by_family.items():
+            out.setdefault(fam, {})[method] = {
+                "verdict": v.verdicts[fam], "n_flags": s["n_flags"],
+                **{k: s[k] for k in ("pearson", "spearman") + tuple(recall_keys(v.thresholds))}}
+    return out
+
+
+def _write_csv(path: Path, results: list[PatchResults], validations: dict, tokens) -> None:
+    """One row per method, granularity and component; an estimator's rows carry its own flags,
+    exact's rows the primary estimator's."""
     from attrpatch.validation import component_label
 
-    flags = {}
-    if validation is not None:
-        flags = {(f.granularity, f.index): f for f in validation.flags}
+    flags = {(m, f.granularity, f.index): f for m, v in validations.items() for f in v.flags}
+    primary = next(iter(validations), None)  # exact rows carry the primary estimator's flags
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["method", "granularity", "component", "index", "effect", "normalized",
@@ -271,7 +289,8 @@ def _write_csv(path: Path, results: list[PatchResults], validation, tokens) -> N
                 v = np.asarray(s.values, float)
                 for idx in np.ndindex(v.shape):
                     x = v[idx]
-                    f = flags.get((g, tuple(int(i) for i in idx)))
+                    f = flags.get((r.method if r.method in validations else primary, g,
+                                   tuple(int(i) for i in idx)))
                     norm = x / gap if gap != 0 else float("nan")
                     w.writerow([
                         r.method, g, component_label(g, idx, tokens), ",".join(map(str, idx)),
@@ -282,31 +301,39 @@ def _write_csv(path: Path, results: list[PatchResults], validation, tokens) -> N
                     ])
 
 
-def write_outputs(out_dir: Path, atp, exact, validation, diagnostics, budget, run: dict,
-                  tokens) -> dict:
-    """Write every output file into `out_dir` (an existing, empty directory); returns summary."""
+def write_outputs(out_dir: Path, estimates: dict, exact, validations: dict, diagnostics, budget,
+                  run: dict, tokens) -> dict:
+    """Write every output file into `out_dir` (an existing, empty directory); returns summary.
+
+    `estimates`: method -> :class:`PatchResults` of each estimator run, the first one primary
+    (its validation is ``summary["validation"]`` and its heatmaps are drawn); `validations`:
+    method -> :class:`Validation` against `exact` (empty without exact results).
+    """
     from attrpatch.report import make_figures, write_report
 
-    arrays = {}
-    for r in (atp, exact):
-        if r is not None:
-            for g, s in r.scores.items():
-                arrays[f"{r.method}/{g}"] = np.asarray(s.values)
+    primary = next(iter(estimates.values()), None)
+    validation = validations.get(primary.method) if primary is not None else None
+    results = [*estimates.values(), *([exact] if exact is not None else [])]
+    arrays = {f"{r.method}/{g}": np.asarray(sc.values) for r in results for g, sc in r.scores.items()}
+    for r in estimates.values():
+        arrays |= {f"graddrop/{g}": np.asarray(v) for g, v in (r.graddrop or {}).items()}
     np.savez(out_dir / "results.npz", **arrays)
     if diagnostics is not None:
         np.savez(out_dir / "diagnostics.npz", **diagnostics.to_arrays())
-    _write_csv(out_dir / "results.csv", [r for r in (atp, exact) if r is not None], validation,
-               tokens)
+    _write_csv(out_dir / "results.csv", results, validations, tokens)
     t0 = time.perf_counter()
-    figures = make_figures(out_dir, atp, exact, validation, tokens)
+    figures = make_figures(out_dir, primary, exact, validation, tokens)
     run = dict(run)
     run.setdefault("timings", {})["figures_s"] = round(time.perf_counter() - t0, 3)
     summary = {
         "run": run,
         "tokens": tokens,
-        "atp": results_meta(atp),
+        "primary": primary.method if primary is not None else None,
+        "estimators": {m: results_meta(r) for m, r in estimates.items()},
         "exact": results_meta(exact),
         "validation": validation.to_json() if validation is not None else None,
+        "comparison": comparison(validations) if validations else None,
+        "validations": {m: v.to_json() for m, v in validations.items() if v is not validation},
         "diagnostics": diagnostics.meta() if diagnostics is not None else None,
         "budget": {g: b.to_json() for g, b in budget.items()} if budget else None,
         "figures": [p.name for p in figures],
@@ -341,8 +368,8 @@ def json_safe(x):
 
 
 def load_outputs(out_dir: Path):
-    """(atp, exact, diagnostics, summary) from a previous run's output directory; a missing,
-    corrupt or foreign file is a `CLIError` naming it."""
+    """(estimates {method: PatchResults}, exact, diagnostics, summary) from a previous run's
+    output directory; a missing, corrupt or foreign file is a `CLIError` naming it."""
     from attrpatch.validation import Diagnostics
 
     out_dir = Path(out_dir)
@@ -357,17 +384,18 @@ def load_outputs(out_dir: Path):
         current = "results.npz"
         with np.load(out_dir / "results.npz", allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-        results = {}
-        for method in ("atp", "exact"):
-            meta = summary.get(method)
-            if not meta:
-                results[method] = None
-                continue
-            scores = {k.split("/", 1)[1]: Scores(k.split("/", 1)[1], v)
-                      for k, v in arrays.items() if k.startswith(method + "/")}
-            results[method] = PatchResults(method, meta["direction"], meta["metric"],
-                                           meta["base_metric"], meta["source_metric"], scores,
-                                           seconds=meta.get("seconds"))
+        def results_of(meta):
+            method = meta["method"]
+            grids = lambda prefix: {k.split("/", 1)[1]: v for k, v in arrays.items()
+                                    if k.startswith(prefix + "/")}
+            return PatchResults(method, meta["direction"], meta["metric"], meta["base_metric"],
+                                meta["source_metric"],
+                                {g: Scores(g, v) for g, v in grids(method).items()},
+                                seconds=meta.get("seconds"), cost_forwards=meta.get("cost_forwards"),
+                                graddrop=grids("graddrop") if method == "atp_star" else None)
+
+        estimates = {m: results_of(meta) for m, meta in (summary.get("estimators") or {}).items()}
+        exact = results_of(summary["exact"]) if summary.get("exact") else None
         diagnostics = None
         if (out_dir / "diagnostics.npz").is_file() and summary.get("diagnostics"):
             current = "diagnostics.npz"
@@ -378,7 +406,7 @@ def load_outputs(out_dir: Path):
             zipfile.BadZipFile) as e:
         raise CLIError(f"{out_dir / current} is corrupt or not attrpatch's ({type(e).__name__}: "
                        f"{e}); rerun the scan to rewrite it") from e
-    return results["atp"], results["exact"], diagnostics, summary
+    return estimates, exact, diagnostics, summary
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,8 +424,10 @@ def _load_model(model_dir):
 
 def run_pipeline(model, model_dir, task, granularities, methods, direction, metric, out: Path,
                  run: dict, thresholds, verify_top=None, verify_random=None, seed=0,
-                 quiet=False) -> dict:
-    """AtP / exact / budgeted verification, diagnostics, validation, outputs (atomic)."""
+                 quiet=False, steps=5) -> dict:
+    """Estimators / exact / budgeted verification, diagnostics, validation of every estimator,
+    outputs (atomic). The first estimator in `methods` is the primary one: budgeted
+    verification follows its ranking and the figures show it."""
     from attrpatch.validation import (
         budget_report,
         budget_sample,
@@ -410,57 +440,62 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
     with _output_dir(out) as staging:
         try:
             timings = {}
-            atp = exact = diagnostics = validation = None
-            budget = {}
-            if "atp" in methods:
+            estimates, exact, diagnostics, validations, budget = {}, None, None, {}, {}
+            for method in (m for m in methods if m in ESTIMATORS):
                 from attrpatch.attribution import attribute
 
                 t0 = time.perf_counter()
-                atp = attribute(model, task, granularities=granularities, direction=direction,
-                                metric=metric)
-                timings["atp_s"] = round(time.perf_counter() - t0, 3)
+                estimates[method] = attribute(model, task, granularities=granularities,
+                                              direction=direction, metric=metric, method=method,
+                                              steps=steps)
+                timings[f"{method}_s"] = round(time.perf_counter() - t0, 3)
                 raise_if_interrupted()
+            primary = next(iter(estimates.values()), None)
             if "exact" in methods:
                 from attrpatch.patching import patch
 
                 t0 = time.perf_counter()
                 kwargs = {}
                 if any(g.startswith("post") for g in granularities):
-                    # AtP's top neurons where AtP ran (the rest stay NaN), else every neuron.
+                    # the primary estimator's top neurons where one ran (the rest stay NaN), else
+                    # every neuron.
                     cfg = model.config
-                    kwargs["neurons"] = atp if atp is not None else [
+                    kwargs["neurons"] = primary if primary is not None else [
                         (layer, n) for layer in range(cfg.n_layers) for n in range(cfg.d_mlp)]
                 exact = _patch_or_interrupt(patch, model, task, granularities=granularities,
                                             direction=direction, metric=metric, progress=not quiet,
                                             **kwargs)
                 timings["exact_s"] = round(time.perf_counter() - t0, 3)
-            if atp is not None and (verify_top or verify_random):
+            if primary is not None and (verify_top or verify_random):
                 t0 = time.perf_counter()
                 if exact is not None and verify_top is None:
                     # exact covers some components only (neurons): sample the uncovered ones
-                    budget = verify_random_rest(model, task, atp, exact, verify_random, seed,
+                    budget = verify_random_rest(model, task, primary, exact, verify_random, seed,
                                                 thresholds)
                 elif exact is None:
-                    exact, budget = verify_budgeted(model, task, atp, verify_top or 0,
+                    exact, budget = verify_budgeted(model, task, primary, verify_top or 0,
                                                     verify_random or 0, seed, thresholds)
                 else:
                     for g in granularities:
-                        top, rand = budget_sample(atp[g], verify_top or 0, verify_random or 0, seed)
+                        top, rand = budget_sample(primary.ranking(g), verify_top or 0,
+                                                  verify_random or 0, seed)
                         thr = thresholds.large * max(abs(exact.gap), thresholds.min_gap)
-                        budget[g] = budget_report(g, atp[g], exact[g], top, rand, thr)
+                        budget[g] = budget_report(g, primary[g], exact[g], top, rand, thr)
                 timings["verify_s"] = round(time.perf_counter() - t0, 3)
             tokens = token_strings(model_dir, task)
-            if atp is not None and exact is not None:
+            if estimates and exact is not None:
                 t0 = time.perf_counter()
                 diagnostics = diagnose(model, task, granularities, direction, metric, thresholds)
                 timings["diagnose_s"] = round(time.perf_counter() - t0, 3)
                 raise_if_interrupted()
-                validation = validate(atp, exact, diagnostics, thresholds, tokens)
+                validations = {m: validate(r, exact, diagnostics, thresholds, tokens,
+                                           estimators=estimates) for m, r in estimates.items()}
             run = dict(run, timings=timings, versions=_versions(),
                        thresholds=dataclasses.asdict(thresholds))
         except ValueError as e:  # bad input the library found (non-finite metrics, ...)
             raise CLIError(str(e)) from e
-        summary = write_outputs(staging, atp, exact, validation, diagnostics, budget, run, tokens)
+        summary = write_outputs(staging, estimates, exact, validations, diagnostics, budget, run,
+                                tokens)
     return summary
 
 
@@ -492,11 +527,12 @@ def print_summary(summary: dict, out: Path, file=None) -> None:
     file = file or sys.stdout
     v = summary.get("validation")
     timings = summary["run"].get("timings", {})
-    if summary.get("atp"):
-        a = summary["atp"]
-        print(f"metric {a['metric']} ({a['direction']}): base {a['base_metric']:.4g}, "
-              f"source {a['source_metric']:.4g}, gap {a['gap']:.4g}", file=file)
+    first = next(iter((summary.get("estimators") or {}).values()), None) or summary.get("exact")
+    if first:
+        print(f"metric {first['metric']} ({first['direction']}): base {first['base_metric']:.4g}, "
+              f"source {first['source_metric']:.4g}, gap {first['gap']:.4g}", file=file)
     if v:
+        print(f"validation of {summary['primary']} against exact:", file=file)
         # the recall columns the thresholds asked for (recall@K per top_k, then the share one)
         recalls = [k for k in next(iter(v["by_family"].values()), {}) if k.startswith("recall@")]
         print(f"{'family':<20}{'verdict':<12}{'n':>6}{'pearson':>9}{'spearman':>9}"
@@ -512,6 +548,20 @@ def print_summary(summary: dict, out: Path, file=None) -> None:
             print(f"  [{f['level']}] {f['label']}: {f['reason']}", file=file)
         if len(v["flags"]) > 5:
             print(f"  ... {len(v['flags']) - 5} more flags in results.csv", file=file)
+    comp = summary.get("comparison") or {}
+    methods = list(summary.get("estimators") or {})
+    if len(methods) > 1 and comp:
+        first_cell = next(iter(next(iter(comp.values())).values()))
+        recall = next((k for k in first_cell if k.startswith("recall@")), None)
+        print(f"estimators against exact (pearson / {recall} / flags; cost in forwards):", file=file)
+        print(f"{'family':<20}" + "".join(f"{m:>22}" for m in methods), file=file)
+        for fam, by_method in comp.items():
+            cells = [by_method.get(m) for m in methods]
+            text = ["-" if c is None else f"{_num(c['pearson'], '.2f')} / "
+                    f"{_num(c.get(recall), '.2f')} / {c['n_flags']}" for c in cells]
+            print(f"{fam:<20}" + "".join(f"{t:>22}" for t in text), file=file)
+        print(f"{'cost':<20}" + "".join(
+            f"{_num(summary['estimators'][m].get('cost_forwards'), '.0f'):>22}" for m in methods), file=file)
     for g, b in (summary.get("budget") or {}).items():
         print(f"budget {g}: verified top {len(b['top'])} + {len(b['random'])} random of "
               f"{b['n_components']}; est. missed large effects {_num(b['missed_estimate'], '.3g')} "
@@ -539,10 +589,10 @@ def cmd_demo(args) -> int:
     thresholds = parse_thresholds(args.threshold)
     run = {"command": _command(), "subcommand": "demo", "model": str(model_dir),
            "data": "attrpatch_task.json", "direction": args.direction, "metric": task.metric,
-           "methods": "atp,exact", "granularities": ",".join(grans), "n_prompts": task.batch,
-           "n_pos": task.n_pos}
+           "methods": ",".join(DEMO_METHODS), "granularities": ",".join(grans),
+           "n_prompts": task.batch, "n_pos": task.n_pos}
     out = Path(args.out)
-    summary = run_pipeline(model, model_dir, task, grans, ("atp", "exact"), args.direction, None, out,
+    summary = run_pipeline(model, model_dir, task, grans, DEMO_METHODS, args.direction, None, out,
                            run, thresholds, verify_random=DEMO_RANDOM_NEURONS, quiet=args.quiet)
     print_summary(summary, out)
     print(f"demo wall time {time.perf_counter() - t_start:.1f}s")
@@ -553,8 +603,11 @@ def cmd_scan(args) -> int:
     from attrpatch.data import DataError, load_task
 
     methods = parse_methods(args.methods)
-    if (args.verify_top or args.verify_random) and "atp" not in methods:
-        raise CLIError("--verify-top/--verify-random need the atp method")
+    if (args.verify_top or args.verify_random) and not set(methods) & set(ESTIMATORS):
+        raise CLIError(f"--verify-top/--verify-random need an estimator in --methods "
+                       f"({', '.join(ESTIMATORS)})")
+    if args.steps < 1:
+        raise CLIError("--steps must be >= 1")
     for name in ("verify_top", "verify_random"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 0")
@@ -576,11 +629,11 @@ def cmd_scan(args) -> int:
            "methods": ",".join(methods), "granularities": ",".join(grans),
            "n_prompts": task.batch, "n_pos": task.n_pos, "prepend_bos": args.prepend_bos,
            "verify_top": args.verify_top,
-           "verify_random": args.verify_random, "seed": args.seed}
+           "verify_random": args.verify_random, "seed": args.seed, "steps": args.steps}
     out = Path(args.out)
     summary = run_pipeline(model, args.model, task, grans, methods, args.direction, args.metric,
                            out, run, thresholds, args.verify_top, args.verify_random, args.seed,
-                           quiet=args.quiet)
+                           quiet=args.quiet, steps=args.steps)
     print_summary(summary, out)
     return 0
 
@@ -589,24 +642,28 @@ def cmd_validate(args) -> int:
     from attrpatch.validation import validate
 
     out = Path(args.out_dir)
-    atp, exact, diagnostics, old = load_outputs(out)
-    if atp is None or exact is None:
-        raise CLIError(f"{out} needs both AtP and exact results to validate")
+    estimates, exact, diagnostics, old = load_outputs(out)
+    if not estimates or exact is None:
+        raise CLIError(f"{out} needs an estimator's and exact results to validate")
     thresholds = parse_thresholds(args.threshold)
     tokens = old.get("tokens")
-    validation = validate(atp, exact, diagnostics, thresholds, tokens)
+    validations = {m: validate(r, exact, diagnostics, thresholds, tokens, estimators=estimates)
+                   for m, r in estimates.items()}
     budget = None
     if old.get("budget"):
         from attrpatch.validation import budget_report
 
+        primary = next(iter(estimates.values()))
         budget = {}
         for g, b in old["budget"].items():
             thr = thresholds.large * max(abs(exact.gap), thresholds.min_gap)
-            budget[g] = budget_report(g, atp[g], exact[g], np.asarray(b["top"], int).reshape(
-                -1, atp[g].ndim), np.asarray(b["random"], int).reshape(-1, atp[g].ndim), thr)
+            ndim = primary[g].ndim
+            budget[g] = budget_report(g, primary[g], exact[g], np.asarray(b["top"], int).reshape(
+                -1, ndim), np.asarray(b["random"], int).reshape(-1, ndim), thr)
     run = dict(old["run"], revalidated_by=_command(), thresholds=dataclasses.asdict(thresholds))
     with _output_dir(out) as staging:
-        summary = write_outputs(staging, atp, exact, validation, diagnostics, budget, run, tokens)
+        summary = write_outputs(staging, estimates, exact, validations, diagnostics, budget, run,
+                                tokens)
     print_summary(summary, out)
     return 0
 
@@ -622,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     thr_help = ("override a validation threshold (attrpatch.validation.Thresholds), e.g. "
                 "large=0.2 or attn_saturation=0.9; repeatable")
 
-    d = sub.add_parser("demo", help="AtP + exact patching + validation on the shipped IOI model")
+    d = sub.add_parser("demo", help="AtP, AtP*, IG + exact patching + validation on the shipped IOI model")
     d.add_argument("--model", help=f"checkpoint directory (default: models/{DEFAULT_MODEL})")
     d.add_argument("--out", default="attrpatch-demo", help="output directory")
     d.add_argument("--n-prompts", type=int, default=None, help="prompts (default: the model's)")
@@ -646,13 +703,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--by-pos", action="store_true",
                    help="head/pattern/neuron sites also per position (z_by_pos, ...)")
     s.add_argument("--methods", nargs="+", default=["atp,exact"],
-                   help="atp,exact (default) or one of them (commas or spaces)")
+                   help=f"estimators and/or exact, commas or spaces: {', '.join(METHODS)} "
+                        "(default atp,exact); the first estimator is the primary one (verification "
+                        "order, figures); every estimator is validated against exact")
+    s.add_argument("--steps", type=int, default=5,
+                   help="integration steps of ig and ig_inputs (cost grows linearly; default 5)")
     s.add_argument("--direction", choices=("denoise", "noise"), default="denoise")
     s.add_argument("--metric", choices=tuple(METRICS), default="logit_diff")
     s.add_argument("--verify-top", type=int, default=None, metavar="K",
-                   help="exact-verify AtP's top K components (with --methods atp)")
+                   help="exact-verify the primary estimator's top K components")
     s.add_argument("--verify-random", type=int, default=None, metavar="R",
-                   help="and R random others, to estimate what AtP missed")
+                   help="and R random others, to estimate what the estimator missed")
     s.add_argument("--seed", type=int, default=0, help="seed of the random verification sample")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--threshold", action="append", metavar="NAME=VALUE", help=thr_help)

@@ -365,11 +365,12 @@ def resample_permutation(batch: int, seed: int) -> np.ndarray:
 
 def top_neurons(results: PatchResults, k: int) -> list[tuple[int, int]]:
     """The `k` (layer, neuron) pairs with the largest |score| in `results` ("post", else the
-    largest |score| over positions of "post_by_pos")."""
+    largest |score| over positions of "post_by_pos"; for AtP*, its ranking signal
+    `PatchResults.ranking`)."""
     if "post" in results.scores:
-        vals = np.abs(results["post"])
+        vals = results.ranking("post")
     elif "post_by_pos" in results.scores:
-        vals = np.nanmax(np.abs(results["post_by_pos"]), axis=1)
+        vals = np.max(results.ranking("post_by_pos"), axis=1)
     else:
         raise ValueError("top_neurons: results have no 'post' or 'post_by_pos' scores")
     vals = np.where(np.isnan(vals), -np.inf, vals)

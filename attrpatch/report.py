@@ -199,6 +199,33 @@ font-size:13px;text-align:left}th{background:#f3f3f3}img{max-width:100%;margin:0
 code{background:#f5f5f5;padding:1px 3px}"""
 
 
+def _comparison_table(comparison: dict, estimators: dict) -> str:
+    """HTML table: per site family, each estimator's verdict, Pearson, Spearman, recalls and
+    flags against exact; a last row with each estimator's cost and time."""
+    methods = list(estimators)
+    stats = [k for k in next(iter(next(iter(comparison.values())).values())) if k != "verdict"]
+    h = ["<h2>Estimators side by side</h2><p>Each estimator validated against exact patching "
+         "with the same thresholds (cells: verdict, then " + html.escape(", ".join(stats))
+         + "). AtP* = AtP with the QK fix on queries and keys (its GradDrop magnitudes rank "
+         "components for verification); IG = integrated gradients on the activations "
+         "(<code>ig</code>) or on the input embeddings (<code>ig_inputs</code>).</p><table><tr>"
+         "<th>family</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in methods) + "</tr>"]
+    for fam, by_method in comparison.items():
+        cells = []
+        for m in methods:
+            c = by_method.get(m)
+            if c is None:
+                cells.append("<td>-</td>")
+                continue
+            nums = " / ".join(str(c[k]) if k == "n_flags" else _fmt(c[k]) for k in stats)
+            cells.append(f"<td><span class='{c['verdict']}'>{c['verdict']}</span><br>{nums}</td>")
+        h.append(f"<tr><td>{html.escape(fam)}</td>{''.join(cells)}</tr>")
+    h.append("<tr><th>cost (forwards) / seconds</th>" + "".join(
+        f"<td>{_fmt(e.get('cost_forwards'))} / {_fmt(e.get('seconds'))}</td>"
+        for e in estimators.values()) + "</tr></table>")
+    return "".join(h)
+
+
 def write_report(out_dir: str | Path, summary: dict, figures: Sequence[Path],
                  validation: Validation | None) -> Path:
     """Write ``report.html`` (self-contained: figures embedded) into `out_dir`."""
@@ -248,6 +275,9 @@ def write_report(out_dir: str | Path, summary: dict, figures: Sequence[Path],
                 h.append(f"<p>... and {len(validation.flags) - 200} more in results.csv.</p>")
         else:
             h.append("<p>No component flagged.</p>")
+    comparison, estimators = summary.get("comparison") or {}, summary.get("estimators") or {}
+    if comparison and len(estimators) > 1:
+        h.append(_comparison_table(comparison, estimators))
     budget = summary.get("budget")
     if budget:
         h.append("<h2>Budgeted verification</h2><table><tr><th>granularity</th><th>components</th>"

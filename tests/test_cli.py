@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attrpatch.cli import main, sites_to_granularities
+from attrpatch.cli import DEMO_METHODS, main, sites_to_granularities
 from attrpatch.data import DataError, load_task
 
 N_VOCAB = 61
@@ -65,7 +65,8 @@ def _check_outputs(out: Path, methods=("atp", "exact"), grans=("z", "attn_out"))
     with np.load(out / "results.npz") as f:
         keys = set(f.files)
         shapes = {k: f[k].shape for k in keys}
-    assert keys == {f"{m}/{g}" for m in methods for g in grans}
+    graddrop = {f"graddrop/{g}" for g in grans} if "atp_star" in methods else set()
+    assert keys == {f"{m}/{g}" for m in methods for g in grans} | graddrop
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == sum(int(np.prod(shapes[f"{m}/{g}"])) for m in methods for g in grans)
     assert {"method", "granularity", "component", "effect", "normalized", "flag"} <= set(rows[0])
@@ -122,6 +123,38 @@ def test_scan_end_to_end_and_revalidate(ckpt, npz_data, tmp_path, capsys):
     assert stats["recall@3"] is not None
     for text in (printed, html3):
         assert "recall@3" in text and "recall@25%" in text and "recall@10" not in text
+
+
+def test_scan_compares_estimators_side_by_side(ckpt, npz_data, tmp_path, capsys):
+    """Every estimator validated against exact with the same machinery: one column each in the
+    printout, the summary and the report; AtP*'s GradDrop saved and read back by validate."""
+    out = tmp_path / "out"
+    methods = ("atp_star", "atp", "ig", "exact")
+    rc = main(["scan", "--model", str(ckpt), "--data", str(npz_data), "--sites", "z,k",
+               "--methods", ",".join(methods), "--steps", "2", "--out", str(out), "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    summary, rows, html = _check_outputs(out, methods, ("z", "k"))
+    assert summary["primary"] == "atp_star" and summary["run"]["steps"] == 2
+    assert list(summary["estimators"]) == ["atp_star", "atp", "ig"]
+    assert summary["estimators"]["ig"]["cost_forwards"] == 2 + 3 * 2 * 2 * 2  # steps, layers, sites
+    for fam in ("heads", "q/k/v"):
+        assert set(summary["comparison"][fam]) == {"atp_star", "atp", "ig"}
+    assert set(summary["validations"]) == {"atp", "ig"}  # the primary's is "validation"
+    assert "Estimators side by side" in html and "estimators against exact" in printed
+    # validation of each estimator uses its own numbers: AtP and AtP* agree on z, not on k
+    comp = summary["comparison"]
+    assert comp["heads"]["atp"]["pearson"] == pytest.approx(comp["heads"]["atp_star"]["pearson"])
+    with np.load(out / "results.npz") as f:
+        assert not np.allclose(f["atp/k"], f["atp_star/k"])
+        graddrop = f["graddrop/z"]
+    assert {r["method"] for r in rows} == set(methods)
+    rc = main(["validate", str(out)])
+    assert rc == 0
+    summary2, _, _ = _check_outputs(out, methods, ("z", "k"))
+    assert summary2["comparison"] == summary["comparison"]
+    with np.load(out / "results.npz") as f:
+        np.testing.assert_array_equal(f["graddrop/z"], graddrop)
 
 
 def test_interrupted_exact_writes_nothing(ckpt, npz_data, tmp_path, monkeypatch, capsys):
@@ -190,7 +223,7 @@ def test_scan_attention_only_default_sites(tmp_path):
                "--out", str(out), "--quiet"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["atp"]["granularities"] == ["resid_pre", "attn_out", "z"]
+    assert summary["estimators"]["atp"]["granularities"] == ["resid_pre", "attn_out", "z"]
 
 
 def test_budgeted_scan(ckpt, npz_data, tmp_path):
@@ -216,7 +249,7 @@ def test_demo_and_python_m(ckpt, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "report:" in proc.stdout
-    summary, _, html = _check_outputs(out, grans=DEMO_GRANS)
+    summary, _, html = _check_outputs(out, DEMO_METHODS, DEMO_GRANS)
     # a tokenizer exists: axes carry token strings
     assert summary["tokens"] and all(isinstance(t, str) for t in summary["tokens"])
     # neurons: exact on AtP's top 64 plus 32 random others, with the missed-effect estimate
@@ -233,7 +266,7 @@ def test_demo_shipped_model(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "attrpatch", "demo", "--out", str(out), "--quiet"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    summary, _, html = _check_outputs(out, grans=DEMO_GRANS)
+    summary, _, html = _check_outputs(out, DEMO_METHODS, DEMO_GRANS)
     assert Path(summary["run"]["model"]).resolve() == SHIPPED
     assert abs(summary["exact"]["gap"]) > 0.5  # a trained model: clean and corrupt differ
     verdicts = summary["validation"]["verdicts"]
@@ -256,7 +289,7 @@ def test_demo_on_the_shipped_llama_model(tmp_path):
                            str(out), "--quiet"], capture_output=True, text=True, timeout=600,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    summary, _, html = _check_outputs(out, grans=DEMO_GRANS)
+    summary, _, html = _check_outputs(out, DEMO_METHODS, DEMO_GRANS)
     assert summary["exact"]["gap"] < -5  # noising removes the answer
     assert summary["validation"]["verdicts"]["residual stream"] == "unreliable"
     flags = summary["validation"]["flags"]
@@ -350,7 +383,8 @@ def test_bad_arguments_nothing_written(ckpt, npz_data, tmp_path, capsys):
         (["--sites", "nonsense"], "unknown site"),
         (["--methods", "atp,magic"], "--methods"),
         (["--threshold", "bogus=1"], "bad --threshold"),
-        (["--methods", "exact", "--verify-top", "2"], "need the atp method"),
+        (["--methods", "exact", "--verify-top", "2"], "need an estimator"),
+        (["--methods", "ig", "--steps", "0"], "--steps must be"),
     ]
     for extra, message in cases:
         rc = main(["scan", "--model", str(ckpt), "--data", str(npz_data), "--out", str(out), *extra])
