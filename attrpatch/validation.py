@@ -1,16 +1,19 @@
-"""Validation: compare AtP with exact patching, flag where the linear estimate is wrong, and say why.
+"""Validation: compare an estimator (AtP, AtP*, IG) with exact patching, flag where it is wrong,
+and say why.
 
-Three pieces:
+Four pieces:
 
-- :func:`validate` ``(atp, exact, diagnostics=None, thresholds=Thresholds()) -> Validation``:
-  agreement numbers per granularity and per site family (:data:`attrpatch.results.FAMILIES`) and
-  per-component flags (false negative, false positive, sign flip, magnitude error), each with a
-  severity, a reason and, where :func:`diagnose` signals are given, a diagnosed cause.
+- :func:`validate` ``(estimate, exact, diagnostics=None, thresholds=Thresholds(), tokens=None,
+  estimators=None) -> Validation``: agreement numbers per granularity and per site family
+  (:data:`attrpatch.results.FAMILIES`), per-component flags (false negative, false positive, sign
+  flip, magnitude error), each with a severity, a reason and, where :func:`diagnose` signals or
+  other estimators' results are given, a diagnosed cause and the estimators that got it right;
+  for every family rated "caution" or "unreliable", the components that drive the verdict.
 - :func:`diagnose` ``(model, task, granularities) -> Diagnostics``: cheap per-component signals
   (relative size of the patch, attention saturation at the answer row, disagreement of the AtP
   estimates with gradients taken at the base and at the source run, metric saturation).
-- :func:`verify_budgeted`: AtP on everything, exact patching only on the top K components by
-  |AtP| plus R random others, and from the random sample an estimate of how much AtP missed.
+- :func:`verify_budgeted`: an estimate on everything, exact patching only on the top K components
+  plus R random others, and from the random sample an estimate of how much the estimate missed.
 
 All thresholds live in :class:`Thresholds`. Effects are compared in units of ``|gap|``
 (``PatchResults.gap``: what a patch moving the base run all the way to the source would change);
@@ -21,17 +24,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats
 
 from attrpatch.interrupts import raise_if_interrupted
 from attrpatch.interventions import Interventions
 from attrpatch.patching import patch
 from attrpatch.results import (
     DIRECTIONS,
+    ESTIMATORS,
     FAMILIES,
     GRANULARITIES,
     PatchResults,
@@ -42,27 +48,61 @@ from attrpatch.results import (
 from attrpatch.sites import site_axes
 from attrpatch.task import METRICS, MetricReference, resolve_metric
 
-# Largest |atp.base_metric - exact.base_metric| that `validate` accepts, as a share of
+# Largest |estimate.base_metric - exact.base_metric| that `validate` accepts, as a share of
 # max(1, |base metric|, |gap|): beyond it the two results come from different tasks or models.
 BASE_METRIC_RTOL = 1e-2
+
+# How each estimator is named in flags, reasons and messages.
+ESTIMATOR_LABELS = {"atp": "AtP", "atp_star": "AtP*", "ig": "IG", "ig_inputs": "IG (inputs)",
+                    "exact": "exact"}
+assert set(ESTIMATORS) <= set(ESTIMATOR_LABELS)
+
+# Granularities whose components act only through their head's attention pattern (where AtP*'s
+# QK fix changes the estimate).
+QK_GRANULARITIES = ("q", "k", "q_by_pos", "k_by_pos")
+
+# Most components `Validation.drivers` names per family.
+MAX_DRIVERS = 5
+
+
+def estimator_label(method: str) -> str:
+    """How a method is named in messages: ``"atp"`` -> ``"AtP"``, ``"atp_star"`` -> ``"AtP*"``,
+    ``"ig"`` -> ``"IG"``, ``"ig_inputs"`` -> ``"IG (inputs)"``; other names as they are."""
+    return ESTIMATOR_LABELS.get(method, method)
 
 
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
-    """Every threshold validation uses. Effects are in units of ``|gap|`` unless stated.
+    """Every threshold validation uses. Effects are in units of ``|gap|`` unless stated; below,
+    `est` is the estimator's value (AtP, AtP*, IG, ...), `exact` the exact effect, both in units.
 
-    Flags (on each component where both methods have a finite number):
+    Severity of a disagreement (continuous in both numbers, no band edge)::
 
+        d        = |est - exact|
+        rho      = |asinh(est / small) - asinh(exact / small)|
+        severity = d * min(1, rho / ln(magnitude_ratio))
+
+    `rho` is a smoothed log ratio: ``|ln(est / exact)|`` when both have the same sign and are well
+    above `small`, large when the signs differ, finite at zero. So severity is the absolute error
+    |est - exact| once the two differ by a factor of `magnitude_ratio` or more (every false
+    negative, false positive and sign flip under the defaults), and shrinks smoothly towards 0 as
+    their ratio approaches 1: an estimate of 0.499 and one of 0.507 against an exact 1.0 get
+    severities 0.501 and 0.483.
+
+    Flags (on each component where both methods have a finite number), in this order:
+
+    - `sign flip`: |exact| >= `small`, |est| >= `small`, opposite signs.
+    - `miss_ratio`: a false negative is a large exact effect (>= `large`) where
+      |est| < miss_ratio * |exact| (or est is negligible, < `small`); a false positive is a large
+      estimate where |exact| < miss_ratio * |est| (or exact is negligible) (default 0.3).
+    - magnitude error: any other pair with d >= `large` and severity >= `magnitude_severity`
+      (default 0.1). At d = `large` that takes a ratio of about `magnitude_ratio` (default 2;
+      a little more near `small`, where `rho` is smoothed); a bigger error is flagged at a
+      smaller ratio (d = 0.2: ratio 1.41; d = 0.5: 1.15).
     - `large`: an effect at least this share of |gap| is large (default 0.1).
     - `small`: below this share of |gap| an effect is negligible (default 0.02).
-    - `miss_ratio`: a false negative is a large exact effect where |AtP| < miss_ratio * |exact|
-      (or AtP is negligible); a false positive is a large AtP score where
-      |exact| < miss_ratio * |AtP| (default 0.3).
-    - `sign flip`: |exact| >= `large`, |AtP| >= `small`, opposite signs (checked first).
-    - `magnitude_ratio`: same sign, |AtP - exact| >= `large`, and the ratio AtP/exact outside
-      [1/magnitude_ratio, magnitude_ratio] (default 2): a magnitude error.
-    - `severity_high`, `severity_medium`: severity is |AtP - exact| / |gap|; at least these
-      are "high" / "medium", else "low" (defaults 0.5, 0.2).
+    - `severity_high`, `severity_medium`: at least these are "high" / "medium", else "low"
+      (defaults 0.5, 0.2).
 
     Causes (from :class:`Diagnostics`):
 
@@ -72,16 +112,27 @@ class Thresholds:
       the row of the patched query position instead).
     - `nonlinearity`: spread of the estimates with gradients at the base run, the midpoint and
       the source run, over max(|estimate|, small * |gap|) (default 0.5).
+    - `prob_saturation`: the answer probability is within this of 0 or 1 (default 0.02); the
+      metric is saturated when at least `metric_saturation_share` of prompts are (default 0.5).
 
     Re-validating with other thresholds is exact: :func:`validate` recomputes the
     threshold-dependent diagnostics (`nonlinearity`, `metric_saturation`) from the raw estimates
     and answer probabilities that :class:`Diagnostics` stores (:meth:`Diagnostics.rethreshold`).
-    - `prob_saturation`: the answer probability is within this of 0 or 1 (default 0.02); the
-      metric is saturated when at least `metric_saturation_share` of prompts are (default 0.5).
+
+    Causes from other estimators (``validate(..., estimators=...)``):
+
+    - attention saturation or softmax nonlinearity (q/k granularities): AtP* (QK fix) and plain
+      AtP differ by at least `small` and by at least `nonlinearity` of max(|AtP|, |AtP*|, small).
+    - cancellation: AtP*'s GradDrop magnitude is at least `large` and either |AtP| < `small` or
+      GradDrop >= `cancellation_ratio` * |AtP| (default 3): paths whose contributions cancel in
+      the gradient.
+    - `agrees`: an estimator agrees with exact where |value - exact| <= max(agrees * |exact|,
+      `small`) (default 0.3); a flag names the estimators that agree when the flagged one does
+      not (`Flag.better`).
 
     Agreement: `top_k` (5, 10) and `top_share` (0.05) give the top-K recalls; the verdict per
     family is "reliable" with Pearson >= `reliable_pearson` (0.95) and no high-severity flag, or
-    when every |AtP - exact| is below `small` and nothing is flagged; "caution" with Pearson >=
+    when every |est - exact| is below `small` and nothing is flagged; "caution" with Pearson >=
     `caution_pearson` (0.8); else "unreliable"; "n/a" when no component of the family has both
     numbers (nothing verified).
 
@@ -92,11 +143,14 @@ class Thresholds:
     small: float = 0.02
     miss_ratio: float = 0.3
     magnitude_ratio: float = 2.0
+    magnitude_severity: float = 0.1
     severity_high: float = 0.5
     severity_medium: float = 0.2
     big_patch: float = 0.5
     attn_saturation: float = 0.95
     nonlinearity: float = 0.5
+    cancellation_ratio: float = 3.0
+    agrees: float = 0.3
     prob_saturation: float = 0.02
     metric_saturation_share: float = 0.5
     top_k: tuple[int, ...] = (5, 10)
@@ -128,35 +182,35 @@ class Thresholds:
 
 
 # ----------------------------------------------------------------------------------------------
-# Agreement statistics (numpy only)
+# Agreement statistics
 
 
 def rankdata(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of a 1-D array, ties given their average rank (as `scipy.stats.rankdata`)."""
-    x = np.asarray(x, float)
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    ranks = np.empty(len(x), float)
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]
-    ends = np.r_[starts[1:], len(x)]
-    for s, e in zip(starts, ends, strict=True):
-        ranks[order[s:e]] = 0.5 * (s + e - 1) + 1
-    return ranks
+    """Ranks 1..n of a 1-D array, ties given their average rank (`scipy.stats.rankdata`)."""
+    return stats.rankdata(np.asarray(x, float)).astype(float)
+
+
+def _correlation(fn, x, y) -> float:
+    """`fn(x, y).statistic`, NaN when n < 2 or either input is constant (no warning)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2 or x.min() == x.max() or y.min() == y.max():
+        return float("nan")
+    with warnings.catch_warnings():  # near-constant input: scipy's number, without its warning
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        warnings.simplefilter("ignore", stats.NearConstantInputWarning)
+        return float(fn(x, y).statistic)
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation of two 1-D arrays (NaN if either is constant or n < 2)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 2:
-        return float("nan")
-    xc, yc = x - x.mean(), y - y.mean()
-    denom = math.sqrt(float((xc * xc).sum()) * float((yc * yc).sum()))
-    return float((xc * yc).sum() / denom) if denom > 0 else float("nan")
+    """Pearson correlation of two 1-D arrays (`scipy.stats.pearsonr`; NaN if either is constant
+    or n < 2)."""
+    return _correlation(stats.pearsonr, x, y)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (Pearson of average ranks)."""
-    return pearson(rankdata(x), rankdata(y)) if len(x) >= 2 else float("nan")
+    """Spearman rank correlation (`scipy.stats.spearmanr`: Pearson of average ranks; NaN if
+    either is constant or n < 2)."""
+    return _correlation(stats.spearmanr, x, y)
 
 
 def top_k_recall(exact: np.ndarray, atp: np.ndarray, k: int) -> float:
@@ -482,36 +536,67 @@ def component_label(granularity: str, index: Sequence[int], tokens: Sequence[str
 
 @dataclasses.dataclass
 class Flag:
-    """One component where AtP and exact patching disagree."""
+    """One component where an estimator and exact patching disagree.
+
+    - `atp`: the flagged estimator's value (metric units; the field keeps AtP's name, the first
+      estimator: `estimator` says which one it is, `estimate` reads the same number);
+      `exact`: the exact effect.
+    - `severity`: units of |gap|, as :class:`Thresholds` defines it; `level`: "high" | "medium" |
+      "low".
+    - `causes`: diagnosed causes (from :class:`Diagnostics` and from other estimators' results).
+    - `better`: the other estimators whose value here agrees with exact
+      (:attr:`Thresholds.agrees`) where the flagged one does not; `others`: every other
+      estimator's value here.
+    """
 
     granularity: str
     index: tuple[int, ...]
     kind: str
-    severity: float  # |AtP - exact| / unit
-    level: str  # "high" | "medium" | "low"
+    severity: float
+    level: str
     atp: float
     exact: float
     causes: list[str]
     reason: str
     label: str = ""
+    estimator: str = "atp"
+    better: list[str] = dataclasses.field(default_factory=list)
+    others: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def estimate(self) -> float:
+        return self.atp
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"index": list(self.index)}
 
 
-def _classify(a: float, e: float, t: Thresholds) -> str | None:
-    """Flag kind for one (AtP, exact) pair in units of |gap|, or None."""
-    if abs(e) >= t.large and abs(a) >= t.small and np.sign(a) != np.sign(e):
-        return "sign flip"
+def severity(estimate, exact, thresholds: Thresholds = Thresholds()):
+    """Severity of the disagreement between an estimate and an exact effect, both in units of
+    |gap| (numbers or arrays): ``|est - exact| * min(1, rho / ln(magnitude_ratio))`` with the
+    smoothed log ratio ``rho = |asinh(est / small) - asinh(exact / small)|`` (see
+    :class:`Thresholds`). Continuous in both arguments."""
+    a, e = np.asarray(estimate, float), np.asarray(exact, float)
+    s = max(thresholds.small, 1e-12)
+    rho = np.abs(np.arcsinh(a / s) - np.arcsinh(e / s))
+    scale = math.log(thresholds.magnitude_ratio)
+    factor = np.minimum(1.0, rho / scale) if scale > 0 else (rho > 0).astype(float)
+    out = np.abs(a - e) * factor
+    return float(out) if out.ndim == 0 else out
+
+
+def _classify(a: float, e: float, t: Thresholds) -> tuple[str | None, float]:
+    """(flag kind or None, severity) for one (estimate, exact) pair in units of |gap|."""
+    sev = severity(a, e, t)
+    if abs(e) >= t.small and abs(a) >= t.small and np.sign(a) * np.sign(e) < 0:
+        return "sign flip", sev
     if abs(e) >= t.large and (abs(a) < t.small or abs(a) < t.miss_ratio * abs(e)):
-        return "false negative"
+        return "false negative", sev
     if abs(a) >= t.large and (abs(e) < t.small or abs(e) < t.miss_ratio * abs(a)):
-        return "false positive"
-    if abs(a - e) >= t.large and np.sign(a) == np.sign(e) and e != 0:
-        ratio = a / e
-        if ratio > t.magnitude_ratio or ratio < 1 / t.magnitude_ratio:
-            return "magnitude error"
-    return None
+        return "false positive", sev
+    if abs(a - e) >= t.large and sev >= t.magnitude_severity:
+        return "magnitude error", sev
+    return None, sev
 
 
 def _causes(g: str, idx: tuple, diag: Diagnostics | None, t: Thresholds) -> tuple[list[str], list[str]]:
@@ -539,6 +624,41 @@ def _causes(g: str, idx: tuple, diag: Diagnostics | None, t: Thresholds) -> tupl
     return causes, notes
 
 
+def _estimator_causes(g: str, values: dict[str, float], graddrop: float | None, unit: float,
+                      t: Thresholds) -> tuple[list[str], list[str]]:
+    """Causes read off other estimators at one component (`values`: method -> value, metric
+    units; `graddrop`: AtP*'s GradDrop magnitude there, or None)."""
+    causes, notes = [], []
+    plain, star = values.get("atp"), values.get("atp_star")
+    if g in QK_GRANULARITIES and plain is not None and star is not None:
+        diff = abs(star - plain)
+        if diff >= t.small * unit and diff >= t.nonlinearity * max(abs(star), abs(plain),
+                                                                   t.small * unit):
+            causes.append("attention saturation or softmax nonlinearity")
+            notes.append(f"AtP* (QK fix) changes the estimate from AtP's {plain:+.3g} to "
+                         f"{star:+.3g}: the softmax is far from linear over this patch")
+    ref_name = "atp" if plain is not None else "atp_star"
+    ref = values.get(ref_name)
+    if graddrop is not None and np.isfinite(graddrop) and ref is not None:
+        if graddrop >= t.large * unit and (abs(ref) < t.small * unit
+                                           or graddrop >= t.cancellation_ratio * abs(ref)):
+            causes.append("cancellation")
+            notes.append(f"AtP*'s GradDrop magnitude {graddrop:.3g} against "
+                         f"{estimator_label(ref_name)} {ref:+.3g}: contributions along different "
+                         "paths cancel in the gradient")
+    return causes, notes
+
+
+def _agrees(value: float, exact: float, unit: float, t: Thresholds) -> bool:
+    return abs(value - exact) <= max(t.agrees * abs(exact), t.small * unit)
+
+
+def _with_fix(name: str, g: str) -> str:
+    """An estimator's label, with what it changes where it differs from AtP (AtP* on q/k)."""
+    return estimator_label(name) + (" (QK fix)" if name == "atp_star" and g in QK_GRANULARITIES
+                                    else "")
+
+
 @dataclasses.dataclass
 class Validation:
     """What :func:`validate` found.
@@ -549,6 +669,14 @@ class Validation:
     - `flags`: sorted by severity, highest first. `flag_grids[g]`: ``[*axes]`` strings
       ("" where unflagged).
     - `note`: why every verdict is "n/a", if it is ("" otherwise).
+    - `estimator`: the method validated (``"atp"``, ``"atp_star"``, ``"ig"``, ...).
+    - `drivers[family]`, for each family rated "caution" or "unreliable": the components behind
+      the verdict, each a dict with ``label``, ``granularity``, ``index``, ``estimate``,
+      ``exact`` (metric units), ``flag`` (its kind, or "") and ``why``. The family's flagged
+      components come first (by severity, at most :data:`MAX_DRIVERS`), then up to
+      :data:`MAX_DRIVERS` unflagged ones whose removal (leave one out) raises the family's
+      Pearson correlation or its top-K recall (K = max `top_k`) the most (``pearson_without``,
+      ``recall_without``); where neither moves (e.g. constant numbers), the largest errors.
     """
 
     gap: float
@@ -560,13 +688,16 @@ class Validation:
     flags: list[Flag]
     flag_grids: dict[str, np.ndarray]
     note: str = ""
+    estimator: str = "atp"
+    drivers: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
-            "gap": self.gap, "unit": self.unit, "note": self.note,
+            "gap": self.gap, "unit": self.unit, "note": self.note, "estimator": self.estimator,
             "thresholds": dataclasses.asdict(self.thresholds),
             "by_granularity": self.by_granularity, "by_family": self.by_family,
             "verdicts": self.verdicts, "flags": [f.to_json() for f in self.flags],
+            "drivers": self.drivers,
         }
 
 
@@ -575,112 +706,230 @@ def family_of(granularity: str) -> str:
     return next(f for f, gs in FAMILIES.items() if granularity in gs)
 
 
-def validate(atp: PatchResults, exact: PatchResults, diagnostics: Diagnostics | None = None,
-             thresholds: Thresholds = Thresholds(), tokens: Sequence[str] | None = None) -> Validation:
-    """Compare AtP scores with exact effects on every granularity both have.
+def _loo_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``[n]``: Pearson correlation of `x`, `y` with component i left out (NaN where undefined)."""
+    x, y = x - x.mean(), y - y.mean()  # centred: the sums below lose no precision
+    m = len(x) - 1
+    sx, sy = x.sum() - x, y.sum() - y
+    sxx, syy, sxy = (x * x).sum() - x * x, (y * y).sum() - y * y, (x * y).sum() - x * y
+    vx, vy = sxx - sx * sx / m, syy - sy * sy / m
+    cov = sxy - sx * sy / m
+    ok = (vx > 1e-12 * (x * x).sum()) & (vy > 1e-12 * (y * y).sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, cov / np.sqrt(np.where(ok, vx * vy, 1.0)), np.nan)
+
+
+def _drivers(a: np.ndarray, e: np.ndarray, where: list[tuple[str, tuple[int, ...], int]],
+             flags: list[Flag], unit: float, t: Thresholds, tokens) -> list[dict]:
+    """The components behind a family's verdict (see `Validation.drivers`). `a`, `e`: the
+    family's finite estimate / exact pairs; `where[i]`: (granularity, grid shape, flat index)."""
+
+    def entry(i: int, why: str, **extra) -> dict:
+        g, shape, flat = where[i]
+        index = tuple(int(j) for j in np.unravel_index(flat, shape))
+        return {"label": component_label(g, index, tokens), "granularity": g, "index": list(index),
+                "estimate": float(a[i]), "exact": float(e[i]), "flag": "", "why": why} | extra
+
+    out = [{"label": f.label, "granularity": f.granularity, "index": list(f.index),
+            "estimate": f.atp, "exact": f.exact, "flag": f.kind,
+            "why": f"{f.kind} ({f.level}, severity {f.severity:.2f})"}
+           for f in flags[:MAX_DRIVERS]]
+    flagged = {(f.granularity, f.index) for f in flags}
+    n = len(a)
+    found: dict[int, dict] = {}
+    r = pearson(e, a)
+    if n >= 3 and np.isfinite(r):
+        loo = _loo_pearson(e, a)
+        gain = np.nan_to_num(loo - r, nan=-np.inf)
+        for i in np.argsort(-gain, kind="stable")[:MAX_DRIVERS]:
+            if gain[i] > 0 and gain[i] >= 0.1 * gain.max():
+                found[int(i)] = entry(int(i), f"without it Pearson {r:.3f} -> {loo[i]:.3f}",
+                                      pearson_without=float(loo[i]))
+    k = min(max(t.top_k), n)
+    if n - 1 > k:  # (with k >= n - 1 every recall without one component is trivially 1)
+        rec = top_k_recall(e, a, k)
+        cands = set(np.argsort(-np.abs(e), kind="stable")[:k].tolist()) | set(
+            np.argsort(-np.abs(a), kind="stable")[:k].tolist())
+        gains = []
+        for i in cands:
+            without = top_k_recall(np.delete(e, i), np.delete(a, i), k)
+            if without > rec:
+                gains.append((without - rec, i, without))
+        for _, i, without in sorted(gains, key=lambda x: (-x[0], x[1]))[:MAX_DRIVERS]:
+            why = f"without it recall@{k} {rec:.2f} -> {without:.2f}"
+            if i in found:
+                found[i]["why"] += "; " + why
+                found[i]["recall_without"] = float(without)
+            else:
+                found[i] = entry(i, why, recall_without=float(without))
+    if not found:  # nothing moves the agreement numbers: name the largest errors
+        err = np.abs(a - e)
+        for i in np.argsort(-err, kind="stable")[:MAX_DRIVERS]:
+            if err[i] > 0:
+                found[int(i)] = entry(int(i), f"largest error: |estimate - exact| = "
+                                              f"{err[i] / unit:.1%} of |gap|")
+    key = lambda d: (d["granularity"], tuple(d["index"]))  # noqa: E731
+    for d in out:  # a flagged driver that also moves the agreement numbers says so
+        also = next((f for f in found.values() if key(f) == key(d)), None)
+        if also is not None:
+            d["why"] += "; " + also["why"]
+            d |= {k: v for k, v in also.items() if k.endswith("_without")}
+    extra = [d for d in found.values() if key(d) not in flagged]
+    return out + extra[:MAX_DRIVERS]
+
+
+def _check_comparable(r: PatchResults, exact: PatchResults, label: str) -> None:
+    """Raise `ValueError` when estimator results `r` cannot be compared with `exact`."""
+    if r.direction != exact.direction:
+        raise ValueError(f"cannot compare: {label} is {r.direction} but exact is {exact.direction}")
+    if r.metric != exact.metric:
+        raise ValueError(f"cannot compare: {label} used metric {r.metric!r} but exact used "
+                         f"{exact.metric!r}")
+    for res, name in ((r, label), (exact, "exact")):
+        source = getattr(res, "source", "default")
+        if source != "default":
+            raise ValueError(f"cannot compare: {name} results patch from source={source!r} "
+                             f"(an ablation); {label} estimates patching from the other run "
+                             "(source='default')")
+    scale = max(1.0, abs(exact.base_metric), abs(exact.gap))
+    if not abs(r.base_metric - exact.base_metric) <= BASE_METRIC_RTOL * scale:
+        raise ValueError(
+            f"cannot compare: {label}'s base metric {r.base_metric:.6g} differs from exact's "
+            f"{exact.base_metric:.6g}; the results come from different tasks or models"
+        )
+
+
+def validate(estimate: PatchResults, exact: PatchResults, diagnostics: Diagnostics | None = None,
+             thresholds: Thresholds = Thresholds(), tokens: Sequence[str] | None = None,
+             estimators: dict[str, PatchResults] | None = None) -> Validation:
+    """Compare an estimator's scores with exact effects on every granularity both have.
 
     **Arguments:**
 
-    - `atp`, `exact`: :class:`attrpatch.PatchResults` (``method`` "atp" / "exact") of the same
-      task, model, direction and metric, exact patching the other run (not an ablation); exact
-      may be NaN where it was not computed (budgeted verification): those are skipped.
+    - `estimate`: :class:`attrpatch.PatchResults` of any estimator (``method`` "atp", "atp_star",
+      "ig", "ig_inputs"; flags and messages name it, :func:`estimator_label`).
+    - `exact`: ``method="exact"`` results of the same task, model, direction and metric, patching
+      the other run (not an ablation); NaN where not computed (budgeted verification): those are
+      skipped.
     - `diagnostics`: optional :class:`Diagnostics` (from :func:`diagnose`) for causes; its
       threshold-dependent signals are recomputed under `thresholds` (:meth:`Diagnostics.rethreshold`).
     - `thresholds`: :class:`Thresholds`.
     - `tokens`: optional token strings ``[pos]`` for the component labels.
+    - `estimators`: optional ``{method: PatchResults}`` of other estimators on the same task (say
+      ``{"atp": ..., "atp_star": ..., "ig": ...}``). They add causes to flags (AtP* against AtP on
+      q/k: attention saturation or softmax nonlinearity; AtP*'s GradDrop against AtP:
+      cancellation; see :class:`Thresholds`) and say which estimators got a flagged component
+      right (`Flag.better`, and in the reason). An entry with `estimate`'s own method is ignored.
 
     **Returns:** :class:`Validation`.
 
-    Raises `ValueError` when the two results cannot be compared: different direction or metric,
-    base metrics that differ by more than :data:`BASE_METRIC_RTOL` (different tasks or models),
-    an exact ablation (``source`` other than "default"), or no granularity in common.
+    Raises `ValueError` when results cannot be compared: different direction or metric, base
+    metrics that differ by more than :data:`BASE_METRIC_RTOL` (different tasks or models), an
+    exact ablation (``source`` other than "default"), different grid shapes, or no granularity in
+    common.
     """
-    if atp.direction != exact.direction:
-        raise ValueError(f"cannot compare: AtP is {atp.direction} but exact is {exact.direction}")
-    if atp.metric != exact.metric:
-        raise ValueError(f"cannot compare: AtP used metric {atp.metric!r} but exact used "
-                         f"{exact.metric!r}")
-    for r in (atp, exact):
-        source = getattr(r, "source", "default")
-        if source != "default":
-            raise ValueError(f"cannot compare: {r.method} results patch from source={source!r} "
-                             "(an ablation); AtP estimates patching from the other run "
-                             "(source='default')")
-    scale = max(1.0, abs(exact.base_metric), abs(exact.gap))
-    if not abs(atp.base_metric - exact.base_metric) <= BASE_METRIC_RTOL * scale:
-        raise ValueError(
-            f"cannot compare: AtP's base metric {atp.base_metric:.6g} differs from exact's "
-            f"{exact.base_metric:.6g}; the results come from different tasks or models"
-        )
+    label = estimator_label(estimate.method)
+    _check_comparable(estimate, exact, label)
+    others = {name: r for name, r in (estimators or {}).items() if name != estimate.method}
+    for name, r in others.items():
+        _check_comparable(r, exact, f"estimators[{name!r}] ({estimator_label(name)})")
     if diagnostics is not None:
         diagnostics = diagnostics.rethreshold(thresholds)
-    common = [g for g in GRANULARITIES if g in atp.scores and g in exact.scores]
+    common = [g for g in GRANULARITIES if g in estimate.scores and g in exact.scores]
     if not common:
-        raise ValueError(
-            f"no granularity in common: AtP has {sorted(atp.scores)}, exact {sorted(exact.scores)}"
-        )
+        raise ValueError(f"no granularity in common: {label} has {sorted(estimate.scores)}, "
+                         f"exact {sorted(exact.scores)}")
+    star = estimate if estimate.method == "atp_star" else others.get("atp_star")
+    graddrop = (star.graddrop or {}) if star is not None else {}
     gap = exact.gap
     all_exact = np.concatenate([np.ravel(exact[g]) for g in common])
     unit = _unit(gap, all_exact, thresholds)
     t = thresholds
     by_g, flags, grids = {}, [], {}
     for g in common:
-        a, e = np.asarray(atp[g], float), np.asarray(exact[g], float)
+        a, e = np.asarray(estimate[g], float), np.asarray(exact[g], float)
         if a.shape != e.shape:
-            raise ValueError(f"{g}: AtP shape {a.shape} differs from exact shape {e.shape}")
+            raise ValueError(f"{g}: {label} shape {a.shape} differs from exact shape {e.shape}")
+        other_g = {}
+        for name, r in others.items():
+            if g in r.scores:
+                if np.shape(r[g]) != e.shape:
+                    raise ValueError(f"{g}: estimators[{name!r}] shape {np.shape(r[g])} differs "
+                                     f"from exact shape {e.shape}")
+                other_g[name] = np.asarray(r[g], float)
+        gd = np.asarray(graddrop[g], float) if g in graddrop else None
         by_g[g] = agreement(a, e, gap, t)
         grid = np.full(a.shape, "", dtype=object)
         for idx in zip(*np.nonzero(np.isfinite(a) & np.isfinite(e)), strict=True):
             idx = tuple(int(i) for i in idx)
             ra, re_ = a[idx] / unit, e[idx] / unit
-            kind = _classify(ra, re_, t)
+            kind, sev = _classify(ra, re_, t)
             if kind is None:
                 continue
-            sev = abs(ra - re_)
             level = "high" if sev >= t.severity_high else "medium" if sev >= t.severity_medium else "low"
+            values = {name: float(v[idx]) for name, v in other_g.items() if np.isfinite(v[idx])}
             causes, notes = _causes(g, idx, diagnostics, t)
-            reason = (f"{kind}: exact {e[idx]:+.3g} ({re_:+.0%} of |gap|), AtP {a[idx]:+.3g} "
+            more_causes, more_notes = _estimator_causes(
+                g, values | {estimate.method: float(a[idx])},
+                None if gd is None else float(gd[idx]), unit, t)
+            causes, notes = causes + more_causes, notes + more_notes
+            reason = (f"{kind}: exact {e[idx]:+.3g} ({re_:+.0%} of |gap|), {label} {a[idx]:+.3g} "
                       f"({ra:+.0%})")
             reason += "; " + "; ".join(notes) if notes else (
-                "; no diagnosed cause" if diagnostics is not None else "")
+                "; no diagnosed cause" if diagnostics is not None or others else "")
+            better = ([] if _agrees(a[idx], e[idx], unit, t) else
+                      [name for name, v in values.items() if _agrees(v, e[idx], unit, t)])
+            for name in better:
+                reason += f"; {_with_fix(name, g)} agrees with exact ({values[name]:+.3g})"
             flags.append(Flag(g, idx, kind, float(sev), level, float(a[idx]), float(e[idx]),
-                              causes, reason, component_label(g, idx, tokens)))
+                              causes, reason, component_label(g, idx, tokens), estimate.method,
+                              better, values))
             grid[idx] = kind
         grids[g] = grid
     flags.sort(key=lambda f: -f.severity)
-    by_family, verdicts = {}, {}
+    by_family, verdicts, drivers = {}, {}, {}
     for fam, gs in FAMILIES.items():
         gs = [g for g in gs if g in common]
         if not gs:
             continue
-        a = np.concatenate([np.ravel(atp[g]) for g in gs])
-        e = np.concatenate([np.ravel(exact[g]) for g in gs])
-        stats = agreement(a, e, gap, t)
+        a_parts, e_parts, where = [], [], []
+        for g in gs:
+            a, e = np.asarray(estimate[g], float), np.asarray(exact[g], float)
+            flat = np.flatnonzero(np.isfinite(a) & np.isfinite(e))
+            a_parts.append(a.ravel()[flat])
+            e_parts.append(e.ravel()[flat])
+            where += [(g, a.shape, int(f)) for f in flat]
+        a, e = np.concatenate(a_parts), np.concatenate(e_parts)
+        stats_ = agreement(a, e, gap, t)
         fam_flags = [f for f in flags if f.granularity in gs]
-        stats["n_flags"] = len(fam_flags)
-        stats["n_high"] = sum(f.level == "high" for f in fam_flags)
-        by_family[fam] = stats
-        r = stats["pearson"]
-        negligible = stats["n"] and stats["max_abs_error"] <= t.small * unit
-        if stats["n"] == 0:  # nothing verified in this family
+        stats_["n_flags"] = len(fam_flags)
+        stats_["n_high"] = sum(f.level == "high" for f in fam_flags)
+        by_family[fam] = stats_
+        r = stats_["pearson"]
+        negligible = stats_["n"] and stats_["max_abs_error"] <= t.small * unit
+        if stats_["n"] == 0:  # nothing verified in this family
             verdicts[fam] = "n/a"
         elif negligible and not fam_flags:  # every error is negligible next to the gap
             verdicts[fam] = "reliable"
-        elif stats["n"] and not np.isfinite(r):  # constant and not negligible
+        elif stats_["n"] and not np.isfinite(r):  # constant and not negligible
             verdicts[fam] = "caution"
-        elif r >= t.reliable_pearson and stats["n_high"] == 0:
+        elif r >= t.reliable_pearson and stats_["n_high"] == 0:
             verdicts[fam] = "reliable"
         elif r >= t.caution_pearson:
             verdicts[fam] = "caution"
         else:
             verdicts[fam] = "unreliable"
+        if verdicts[fam] in ("caution", "unreliable"):
+            drivers[fam] = _drivers(a, e, where, fam_flags, unit, t, tokens)
     note = ""
     if not abs(gap) >= t.min_gap:  # agreement on effects of nothing proves nothing
         verdicts = dict.fromkeys(verdicts, "n/a")
+        drivers = {}
         note = (f"no verdict: the base and source runs' metrics differ by {gap:.3g} (|gap| below "
                 f"min_gap={t.min_gap:g}), so there is no effect to localise; check the prompts, "
                 "the metric and the model's weights")
-    return Validation(gap, unit, t, by_g, by_family, verdicts, flags, grids, note)
+    return Validation(gap, unit, t, by_g, by_family, verdicts, flags, grids, note, estimate.method,
+                      drivers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -832,3 +1081,4 @@ def verify_random_rest(model, task, atp: PatchResults, exact: PatchResults, n_ra
         exact.scores[g] = Scores(g, values, exact.scores[g].per_prompt)
         reports[g] = budget_report(g, atp[g], values, covered, rand, threshold)
     return reports
+

@@ -18,9 +18,11 @@ from attrpatch.validation import (
     budget_report,
     budget_sample,
     diagnose,
+    estimator_label,
     exact_components,
     pearson,
     rankdata,
+    severity,
     spearman,
     top_k_recall,
     validate,
@@ -28,9 +30,10 @@ from attrpatch.validation import (
 )
 
 
-def results(method, values: dict, base=0.0, source=2.0):
+def results(method, values: dict, base=0.0, source=2.0, graddrop=None):
     return PatchResults(method, "denoise", "logit_diff", base, source,
-                        {g: Scores(g, np.asarray(v, float)) for g, v in values.items()})
+                        {g: Scores(g, np.asarray(v, float)) for g, v in values.items()},
+                        graddrop=graddrop)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,6 +57,19 @@ def test_pearson_spearman_hand_values():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=50), rng.normal(size=50)
     assert pearson(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1])
+
+
+def test_correlations_nan_without_warnings():
+    """Constant input and n < 2 give NaN quietly (scipy warns on constant input)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+        assert np.isnan(spearman([1.0, 2.0, 3.0], [5.0, 5.0, 5.0]))
+        assert np.isnan(pearson([1.0], [2.0])) and np.isnan(spearman([], []))
+        assert spearman([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(0.8)
+        assert pearson([0.0, 1.0], [3.0, 1.0]) == pytest.approx(-1.0)
 
 
 def test_top_k_recall_hand_values():
@@ -137,6 +153,121 @@ def test_sign_flip_below_large_atp():
     # a negligible AtP of the other sign is a false negative, not a sign flip
     v = validate(results("atp", {"z": [[-0.01, 0.0]]}), results("exact", {"z": exact}))
     assert [(f.index, f.kind) for f in v.flags] == [((0, 0), "false negative")]
+
+
+def test_sign_flip_at_small_effects():
+    """Opposite signs are a sign flip once both are at least `small` (2% of the gap), not only
+    when the exact effect is large: +5% against -5% is flagged, +1% against -1% is not."""
+    exact, est = np.array([[0.10, 0.02, 0.0]]), np.array([[-0.10, -0.02, 0.0]])  # gap 2
+    v = validate(results("atp", {"z": est}), results("exact", {"z": exact}))
+    assert [(f.index, f.kind) for f in v.flags] == [((0, 0), "sign flip")]
+    assert v.flags[0].severity == pytest.approx(0.1) and v.flags[0].level == "low"
+    assert "AtP -0.1 (-5%)" in v.flags[0].reason
+
+
+def test_severity_is_continuous_across_the_old_ratio_band():
+    """An estimate of 0.507 and one of 0.499 against an exact 1.0 (units of the gap) get nearly
+    the same severity and are both flagged; severity has no jump anywhere as the ratio moves."""
+    t = Thresholds()
+    assert severity(0.499, 1.0) == pytest.approx(0.501)
+    assert severity(0.507, 1.0) == pytest.approx(0.483, abs=1e-3)
+    assert abs(severity(0.499, 1.0) - severity(0.507, 1.0)) < 0.02
+    exact = np.array([[2.0, 2.0]])  # gap 2: exact = 1.0 of the gap
+    v = validate(results("atp", {"z": [[0.998, 1.014]]}), results("exact", {"z": exact}))
+    sev = {f.index: f.severity for f in v.flags}
+    assert [f.kind for f in v.flags] == ["magnitude error"] * 2
+    assert sev[(0, 0)] == pytest.approx(0.501) and sev[(0, 1)] == pytest.approx(0.483, abs=1e-3)
+    # a fine sweep of the estimate (same sign, through ratio 2 and down to a sign change):
+    # the largest step in severity is of the order of the step in the estimate
+    grid = np.linspace(-0.5, 2.5, 30001)
+    s = severity(grid, 1.0, t)
+    assert np.abs(np.diff(s)).max() < 5 * (grid[1] - grid[0])
+    assert severity(1.0, 1.0) == 0.0 and severity(0.9, 1.0) < severity(0.7, 1.0) < severity(0.5, 1.0)
+    # far from ratio 1 it is the absolute error (every kind of flag under the defaults)
+    assert severity(-0.3, 0.3) == pytest.approx(0.6) and severity(0.01, 1.0) == pytest.approx(0.99)
+
+
+def test_unreliable_family_without_flags_names_its_drivers():
+    """No flag rule fires (every effect below `large`), Pearson is poor: the verdict still names
+    the component behind it, by leave-one-out, and it is in the JSON."""
+    exact = np.array([[0.15, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07]])  # gap 2: large = 0.2
+    est = exact.copy()
+    est[0, 0] = 0.0
+    v = validate(results("atp", {"z": est}), results("exact", {"z": exact}))
+    assert v.flags == [] and v.verdicts["heads"] == "unreliable"
+    first = v.drivers["heads"][0]
+    assert first["label"] == "z:L0H0" and first["flag"] == "" and first["index"] == [0, 0]
+    assert (first["estimate"], first["exact"]) == (0.0, 0.15)
+    assert "without it Pearson" in first["why"] and first["pearson_without"] == pytest.approx(1.0)
+    assert v.to_json()["drivers"]["heads"][0]["label"] == "z:L0H0"
+    # leave-one-out Pearson matches a recomputation for every driver
+    for d in v.drivers["heads"]:
+        if "pearson_without" in d:
+            keep = [i for i in range(8) if i != d["index"][1]]
+            assert d["pearson_without"] == pytest.approx(pearson(exact[0, keep], est[0, keep]))
+    # top-K recall moves too: with K = 5 of 8, removing the missed component fixes it
+    v5 = validate(results("atp", {"z": est}), results("exact", {"z": exact}),
+                  thresholds=Thresholds(top_k=(3,)))
+    assert "recall@3 0.67 -> 1.00" in v5.drivers["heads"][0]["why"]
+    # a reliable family names none
+    same = validate(results("atp", {"z": exact}), results("exact", {"z": exact}))
+    assert same.verdicts["heads"] == "reliable" and same.drivers == {}
+
+
+def test_drivers_list_flagged_components_first():
+    exact = np.array([[1.0, 0.0, 0.5, 0.4], [0.6, 0.7, 0.01, -0.5]])
+    atp = np.array([[0.01, 0.0, 0.5, 1.2], [-0.6, 0.7, 0.9, -0.5]])
+    v = validate(results("atp", {"z": atp}), results("exact", {"z": exact}))
+    drivers = v.drivers["heads"]
+    assert [d["flag"] for d in drivers[:4]] == [f.kind for f in v.flags]
+    assert drivers[0]["label"] == v.flags[0].label == "z:L1H0"
+
+
+def test_causes_and_better_estimators_from_other_estimators():
+    """q components (gap 2, unit 2): (0,0) AtP misses what AtP*'s QK fix gets; (0,1) every
+    signed estimate misses it but GradDrop is large (cancellation) and IG is right."""
+    exact = np.array([[2.0, 2.0, 0.0]])
+    atp = results("atp", {"q": [[0.1, 0.02, 0.0]]})
+    star = results("atp_star", {"q": [[1.8, 0.02, 0.0]]}, graddrop={"q": np.array([[0.1, 1.6, 0.0]])})
+    ig = results("ig", {"q": [[0.3, 1.9, 0.0]]})
+    ex = results("exact", {"q": exact})
+    v = validate(atp, ex, estimators={"atp_star": star, "ig": ig})
+    flags = {f.index: f for f in v.flags}
+    assert set(flags) == {(0, 0), (0, 1)} and all(f.kind == "false negative" for f in v.flags)
+    f0, f1 = flags[(0, 0)], flags[(0, 1)]
+    assert f0.causes == ["attention saturation or softmax nonlinearity"]
+    assert f0.better == ["atp_star"] and f0.estimator == "atp"
+    assert "AtP* (QK fix) agrees with exact (+1.8)" in f0.reason
+    assert f0.others == {"atp_star": 1.8, "ig": pytest.approx(0.3)}
+    assert f1.causes == ["cancellation"] and f1.better == ["ig"]
+    assert "GradDrop magnitude 1.6" in f1.reason and "IG agrees with exact (+1.9)" in f1.reason
+    # the same without other estimators: no such causes
+    plain = validate(atp, ex)
+    assert all(f.causes == [] and f.better == [] for f in plain.flags)
+    # AtP* as the validated estimator: its own flags, named AtP*, with AtP's value for the QK cause
+    vs = validate(star, ex, estimators={"atp": atp, "ig": ig})
+    assert vs.estimator == "atp_star" and [f.index for f in vs.flags] == [(0, 1)]
+    assert vs.flags[0].reason.startswith("false negative: exact +2 (+100% of |gap|), AtP* +0.02")
+    assert vs.flags[0].causes == ["cancellation"] and vs.flags[0].better == ["ig"]
+    assert vs.to_json()["flags"][0]["estimator"] == "atp_star"
+    # IG validated: labelled IG; AtP* named as the better one on (0,0)
+    vi = validate(ig, ex, estimators={"atp": atp, "atp_star": star})
+    assert [f.index for f in vi.flags] == [(0, 0)] and " IG +0.3 " in vi.flags[0].reason
+    assert vi.flags[0].better == ["atp_star"]
+    # the QK cause is for q/k only: on z the same numbers give no saturation cause
+    vz = validate(results("atp", {"z": [[0.1, 0.02, 0.0]]}), results("exact", {"z": exact}),
+                  estimators={"atp_star": results("atp_star", {"z": [[1.8, 0.02, 0.0]]})})
+    fz = {f.index: f for f in vz.flags}[(0, 0)]
+    assert "attention saturation or softmax nonlinearity" not in fz.causes
+    assert "AtP* agrees with exact (+1.8)" in fz.reason  # no "(QK fix)" off q/k
+    # other estimators must be comparable
+    noisy = PatchResults("ig", "noise", "logit_diff", 0.0, 2.0, {"q": Scores("q", np.zeros((1, 3)))})
+    with pytest.raises(ValueError, match=r"estimators\['ig'\] \(IG\) is noise"):
+        validate(atp, ex, estimators={"ig": noisy})
+    with pytest.raises(ValueError, match="shape"):
+        validate(atp, ex, estimators={"ig": results("ig", {"q": np.zeros((2, 3))})})
+    assert [estimator_label(m) for m in ("atp", "atp_star", "ig", "ig_inputs", "other")] == [
+        "AtP", "AtP*", "IG", "IG (inputs)", "other"]
 
 
 def test_family_without_verified_components_is_na():
