@@ -126,9 +126,10 @@ class Thresholds:
 
     - attention saturation or softmax nonlinearity (q/k granularities): AtP* (QK fix) and plain
       AtP differ by at least `small` and by at least `nonlinearity` of max(|AtP|, |AtP*|, small).
-    - cancellation: AtP*'s GradDrop magnitude is at least `large` and either |AtP| < `small` or
-      GradDrop >= `cancellation_ratio` * |AtP| (default 3): paths whose contributions cancel in
-      the gradient.
+    - cancellation: AtP*'s GradDrop magnitude is at least `large` and either |AtP*| < `small`
+      or GradDrop >= `cancellation_ratio` * |AtP*| (default 3): paths whose contributions cancel
+      in the gradient. (AtP*'s signed estimate is AtP's off q/k; on q/k it is the QK-fixed one,
+      so a saturated head is not mistaken for cancellation.)
     - `agrees`: an estimator agrees with exact where |value - exact| <= max(agrees * |exact|,
       `small`) (default 0.3); a flag names the estimators that agree when the flagged one does
       not (`Flag.better`).
@@ -640,7 +641,9 @@ def _estimator_causes(g: str, values: dict[str, float], graddrop: float | None, 
             causes.append("attention saturation or softmax nonlinearity")
             notes.append(f"AtP* (QK fix) changes the estimate from AtP's {plain:+.3g} to "
                          f"{star:+.3g}: the softmax is far from linear over this patch")
-    ref_name = "atp" if plain is not None else "atp_star"
+    # GradDrop against the signed estimate it accompanies: AtP*'s (the QK-fixed one on q/k,
+    # where plain AtP is small because of the softmax, not of cancellation), else AtP's
+    ref_name = "atp_star" if star is not None else "atp"
     ref = values.get(ref_name)
     if graddrop is not None and np.isfinite(graddrop) and ref is not None:
         if graddrop >= t.large * unit and (abs(ref) < t.small * unit
