@@ -90,8 +90,10 @@ def test_saturated_head_atp_star_fixes_the_sign(tiny_model):
 
 
 @pytest.mark.parametrize("name", ["gpt2", *FAMILIES])
-def test_qk_fix_matches_naive_recomputation_on_every_family(family, tiny_model, name):
-    """Rotary, grouped kv heads, windows and soft-caps all enter the recomputed logits."""
+def test_estimators_on_every_family(family, tiny_model, name):
+    """The QK fix against naive recomputation (rotary, grouped kv heads, windows and soft-caps
+    all enter the recomputed logits), and IG on the inputs against exact patching where the
+    straight line is the patch (one differing token, layer 0)."""
     model = tiny_model[0] if name == "gpt2" else family(name)[0]
     vocab = model.config.d_vocab
     task = make_task(vocab=vocab, n_pos=7, seed=3, padded=True)
@@ -103,6 +105,11 @@ def test_qk_fix_matches_naive_recomputation_on_every_family(family, tiny_model, 
         scale = np.abs(want).max()
         assert scale > 1e-5, g
         np.testing.assert_allclose(star[g], want, rtol=1e-3, atol=1e-4 * scale, err_msg=f"{name} {g}")
+    one = one_token_task(vocab)
+    exact = patch(model, one, ("resid_pre",), direction=direction, progress=False)["resid_pre"][0, 3]
+    ig = attribute(model, one, ("resid_pre",), direction=direction, method="ig_inputs", steps=64)
+    assert abs(exact) > 1e-3
+    assert abs(ig["resid_pre"][0, 3] - exact) < 0.01 * abs(exact), (ig["resid_pre"][0, 3], exact)
 
 
 def one_token_task(vocab=61, seed=0):
