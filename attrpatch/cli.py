@@ -4,7 +4,7 @@
   IOI model (or any checkpoint naming its task in ``attrpatch_task.json``), then the report.
 - ``attrpatch scan --model DIR --data FILE --out DIR [--sites ...]
   [--methods atp,atp_star,ig,ig_inputs,exact] [--steps N] [--direction denoise|noise]
-  [--metric NAME] [--verify-top K --verify-random R] [--by-pos]``.
+  [--metric NAME] [--verify-top K --verify-random R | --verify-until SHARE] [--by-pos]``.
 - ``attrpatch validate OUT_DIR [--threshold NAME=VALUE ...]``: re-validate saved results (the
   saved diagnostics hold raw estimates, so every threshold is applied afresh).
 
@@ -302,12 +302,14 @@ def _write_csv(path: Path, results: list[PatchResults], validations: dict, token
 
 
 def write_outputs(out_dir: Path, estimates: dict, exact, validations: dict, diagnostics, budget,
-                  run: dict, tokens) -> dict:
+                  run: dict, tokens, until: dict | None = None) -> dict:
     """Write every output file into `out_dir` (an existing, empty directory); returns summary.
 
     `estimates`: method -> :class:`PatchResults` of each estimator run, the first one primary
     (its validation is ``summary["validation"]`` and its heatmaps are drawn); `validations`:
-    method -> :class:`Validation` against `exact` (empty without exact results).
+    method -> :class:`Validation` against `exact` (empty without exact results); `budget`:
+    granularity -> :class:`BudgetReport`; `until`: granularity -> :class:`UntilReport` (or its
+    saved JSON) of sequential verification.
     """
     from attrpatch.report import make_figures, write_report
 
@@ -336,6 +338,8 @@ def write_outputs(out_dir: Path, estimates: dict, exact, validations: dict, diag
         "validations": {m: v.to_json() for m, v in validations.items() if v is not validation},
         "diagnostics": diagnostics.meta() if diagnostics is not None else None,
         "budget": {g: b.to_json() for g, b in budget.items()} if budget else None,
+        "verify_until": {g: r if isinstance(r, dict) else r.to_json()
+                         for g, r in until.items()} if until else None,
         "figures": [p.name for p in figures],
         "files": sorted(["results.npz", "results.csv", "summary.json", "report.html"]
                         + (["diagnostics.npz"] if diagnostics is not None else [])
@@ -424,10 +428,12 @@ def _load_model(model_dir):
 
 def run_pipeline(model, model_dir, task, granularities, methods, direction, metric, out: Path,
                  run: dict, thresholds, verify_top=None, verify_random=None, seed=0,
-                 quiet=False, steps=5) -> dict:
-    """Estimators / exact / budgeted verification, diagnostics, validation of every estimator,
-    outputs (atomic). The first estimator in `methods` is the primary one: budgeted
-    verification follows its ranking and the figures show it."""
+                 quiet=False, steps=5, verify_until=None, verify_budget=None) -> dict:
+    """Estimators / exact / budgeted or sequential verification, diagnostics, validation of
+    every estimator, outputs (atomic). The first estimator in `methods` is the primary one:
+    verification follows its ranking and the figures show it. `verify_until` (share of the
+    gap) runs :func:`attrpatch.validation.verify_until` (at most `verify_budget` exact patches
+    per granularity) instead of exact patching of everything."""
     from attrpatch.validation import (
         budget_report,
         budget_sample,
@@ -436,11 +442,12 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
         verify_budgeted,
         verify_random_rest,
     )
+    from attrpatch.validation import verify_until as verify_sequentially
 
     with _output_dir(out) as staging:
         try:
             timings = {}
-            estimates, exact, diagnostics, validations, budget = {}, None, None, {}, {}
+            estimates, exact, diagnostics, validations, budget, until = {}, None, None, {}, {}, {}
             for method in (m for m in methods if m in ESTIMATORS):
                 from attrpatch.attribution import attribute
 
@@ -466,7 +473,13 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
                                             direction=direction, metric=metric, progress=not quiet,
                                             **kwargs)
                 timings["exact_s"] = round(time.perf_counter() - t0, 3)
-            if primary is not None and (verify_top or verify_random):
+            if primary is not None and verify_until is not None:
+                t0 = time.perf_counter()
+                exact, until = verify_sequentially(model, task, primary, verify_until,
+                                                    granularities=granularities, metric=metric,
+                                                    max_verified=verify_budget, seed=seed)
+                timings["verify_s"] = round(time.perf_counter() - t0, 3)
+            elif primary is not None and (verify_top or verify_random):
                 t0 = time.perf_counter()
                 if exact is not None and verify_top is None:
                     # exact covers some components only (neurons): sample the uncovered ones
@@ -495,7 +508,7 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
         except ValueError as e:  # bad input the library found (non-finite metrics, ...)
             raise CLIError(str(e)) from e
         summary = write_outputs(staging, estimates, exact, validations, diagnostics, budget, run,
-                                tokens)
+                                tokens, until)
     return summary
 
 
@@ -562,6 +575,8 @@ def print_summary(summary: dict, out: Path, file=None) -> None:
             print(f"{fam:<20}" + "".join(f"{t:>22}" for t in text), file=file)
         print(f"{'cost':<20}" + "".join(
             f"{_num(summary['estimators'][m].get('cost_forwards'), '.0f'):>22}" for m in methods), file=file)
+    for r in (summary.get("verify_until") or {}).values():
+        print(f"verified until: {r['sentence']}", file=file)
     for g, b in (summary.get("budget") or {}).items():
         print(f"budget {g}: verified top {len(b['top'])} + {len(b['random'])} random of "
               f"{b['n_components']}; est. missed large effects {_num(b['missed_estimate'], '.3g')} "
@@ -608,6 +623,16 @@ def cmd_scan(args) -> int:
                        f"({', '.join(ESTIMATORS)})")
     if args.steps < 1:
         raise CLIError("--steps must be >= 1")
+    if args.verify_until is not None:
+        if not 0 < args.verify_until < 1:
+            raise CLIError("--verify-until takes a share of the gap between 0 and 1, e.g. 0.05")
+        if "exact" in methods or args.verify_top or args.verify_random:
+            raise CLIError("--verify-until replaces exact patching of everything and "
+                           "--verify-top/--verify-random: drop exact from --methods")
+        if not set(methods) & set(ESTIMATORS):
+            raise CLIError("--verify-until needs an estimator in --methods to order the components")
+    if args.verify_budget is not None and args.verify_budget < 1:
+        raise CLIError("--verify-budget must be >= 1")
     for name in ("verify_top", "verify_random"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 0")
@@ -629,11 +654,13 @@ def cmd_scan(args) -> int:
            "methods": ",".join(methods), "granularities": ",".join(grans),
            "n_prompts": task.batch, "n_pos": task.n_pos, "prepend_bos": args.prepend_bos,
            "verify_top": args.verify_top,
-           "verify_random": args.verify_random, "seed": args.seed, "steps": args.steps}
+           "verify_random": args.verify_random, "seed": args.seed, "steps": args.steps,
+           "verify_until": args.verify_until, "verify_budget": args.verify_budget}
     out = Path(args.out)
     summary = run_pipeline(model, args.model, task, grans, methods, args.direction, args.metric,
                            out, run, thresholds, args.verify_top, args.verify_random, args.seed,
-                           quiet=args.quiet, steps=args.steps)
+                           quiet=args.quiet, steps=args.steps, verify_until=args.verify_until,
+                           verify_budget=args.verify_budget)
     print_summary(summary, out)
     return 0
 
@@ -663,7 +690,7 @@ def cmd_validate(args) -> int:
     run = dict(old["run"], revalidated_by=_command(), thresholds=dataclasses.asdict(thresholds))
     with _output_dir(out) as staging:
         summary = write_outputs(staging, estimates, exact, validations, diagnostics, budget, run,
-                                tokens)
+                                tokens, old.get("verify_until"))
     print_summary(summary, out)
     return 0
 
@@ -714,6 +741,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact-verify the primary estimator's top K components")
     s.add_argument("--verify-random", type=int, default=None, metavar="R",
                    help="and R random others, to estimate what the estimator missed")
+    s.add_argument("--verify-until", type=float, default=None, metavar="SHARE",
+                   help="exact-verify in the primary estimator's order until, with 95%% confidence, "
+                        "the unverified components' |effect| is bounded below SHARE of the gap "
+                        "(e.g. 0.05); instead of exact patching of everything")
+    s.add_argument("--verify-budget", type=int, default=None, metavar="N",
+                   help="with --verify-until: at most N exact patches per granularity")
     s.add_argument("--seed", type=int, default=0, help="seed of the random verification sample")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--threshold", action="append", metavar="NAME=VALUE", help=thr_help)

@@ -278,6 +278,13 @@ def write_report(out_dir: str | Path, summary: dict, figures: Sequence[Path],
     comparison, estimators = summary.get("comparison") or {}, summary.get("estimators") or {}
     if comparison and len(estimators) > 1:
         h.append(_comparison_table(comparison, estimators))
+    until = summary.get("verify_until")
+    if until:
+        h.append("<h2>Sequential verification</h2><p>Components were exact-patched in the "
+                 "estimator's order, then certified by uniform random samples of the rest "
+                 "(attrpatch.validation.verify_until):</p><ul>"
+                 + "".join(f"<li>{html.escape(r['sentence'])}</li>" for r in until.values())
+                 + "</ul>")
     budget = summary.get("budget")
     if budget:
         h.append("<h2>Budgeted verification</h2><table><tr><th>granularity</th><th>components</th>"

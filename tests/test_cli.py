@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,27 @@ def test_scan_compares_estimators_side_by_side(ckpt, npz_data, tmp_path, capsys)
     assert summary2["comparison"] == summary["comparison"]
     with np.load(out / "results.npz") as f:
         np.testing.assert_array_equal(f["graddrop/z"], graddrop)
+
+
+def test_scan_verify_until(ckpt, npz_data, tmp_path, capsys):
+    """--verify-until: exact patching in the estimator's order until the rest is bounded; the
+    statement is printed, saved and reported, and the verified effects are exact's."""
+    out = tmp_path / "until"
+    rc = main(["scan", "--model", str(ckpt), "--data", str(npz_data), "--sites", "post",
+               "--methods", "atp_star", "--verify-until", "0.05", "--verify-budget", "150",
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    summary, _, html = _check_outputs(out, ("atp_star", "exact"), ("post",))
+    report = summary["verify_until"]["post"]
+    assert report["sentence"] in printed and escape(report["sentence"]) in html
+    assert report["n_components"] == 256 and 0 < len(report["ranked"]) + len(report["random"]) <= 150
+    assert "95% confidence" in report["sentence"]
+    with np.load(out / "results.npz") as f:
+        assert np.isfinite(f["exact/post"]).sum() == len(report["ranked"]) + len(report["random"])
+    rc = main(["scan", "--model", str(ckpt), "--data", str(npz_data), "--methods", "atp,exact",
+               "--verify-until", "0.05", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "drop exact" in capsys.readouterr().err
 
 
 def test_interrupted_exact_writes_nothing(ckpt, npz_data, tmp_path, monkeypatch, capsys):
