@@ -7,7 +7,7 @@ from attrpatch.interventions import Interventions, Patch
 from attrpatch.loading import load_model, save_model
 from attrpatch.model import Model
 from attrpatch.patching import gaussian_noise_corruption, patch, top_neurons
-from attrpatch.results import GRANULARITIES, PatchResults, Scores
+from attrpatch.results import ESTIMATORS, GRANULARITIES, PatchResults, Scores
 from attrpatch.sites import all_site_names, parse_site_name
 from attrpatch.task import METRICS, MetricReference, Task
 from attrpatch.tasks import task_for_model
@@ -19,10 +19,12 @@ from attrpatch.validation import (
     diagnose,
     validate,
     verify_budgeted,
+    verify_until,
 )
 
 __all__ = [
     "Diagnostics",
+    "ESTIMATORS",
     "GRANULARITIES",
     "Interventions",
     "METRICS",
@@ -49,6 +51,7 @@ __all__ = [
     "top_neurons",
     "validate",
     "verify_budgeted",
+    "verify_until",
 ]
 __version__ = "0.1.0"
 

@@ -132,13 +132,23 @@ def qk_fixed(cfg, base: dict, source: dict, pattern_grad, changed, attention_mas
         per_head = ((a_k * g).sum(-1) - row_base).sum(-1)  # [layer, batch, head]
         out["k"] = _group_heads(per_head, cfg, 2).swapaxes(0, 1)
     if "k_by_pos" in granularities:
-        # Key s patched alone: row t's logit at s moves to s_new; with l = logsumexp of the row,
-        # log Z_new = logaddexp(log(1 - A[t,s]), s_new - l), the other entries scale by 1/Z_new.
+        # Key s patched alone: row t's logit at s moves to s_new and the other entries keep
+        # theirs, so the new row is the old one's other entries, reweighted, plus the new entry:
+        # with R = log-sum-exp of the others and m_rest their normalised mean of g,
+        # new . g = sigmoid(R - s_new) m_rest + sigmoid(s_new - R) g[s]. For s not the row's
+        # largest entry, A[s] <= 1/2 and R, m_rest follow from the row's totals stably; for the
+        # largest (A[s] may round to 1 in a saturated row) they are summed directly.
         s_new = logits(q_base, source[kkey])
-        log_new = s_new - jax.scipy.special.logsumexp(s_base, -1, keepdims=True)
-        log_z = jnp.logaddexp(jnp.log1p(-jnp.minimum(a_base, 1.0)), log_new)
-        new_row = (jnp.exp(-log_z) * (row_base[..., None] - a_base * g)
-                   + jnp.exp(log_new - log_z) * g)
+        lse = jax.scipy.special.logsumexp(s_base, -1, keepdims=True)
+        top = jax.nn.one_hot(jnp.argmax(s_base, -1), n_pos, dtype=bool)
+        others_of_top = jnp.where(top, -jnp.inf, s_base)
+        rest_top = jax.scipy.special.logsumexp(others_of_top, -1, keepdims=True)
+        mean_top = (jax.nn.softmax(others_of_top, -1) * g).sum(-1, keepdims=True)
+        rest = jnp.where(top, rest_top, lse + jnp.log1p(-jnp.where(top, 0, a_base)))
+        mean = jnp.where(top, mean_top,
+                         (row_base[..., None] - a_base * g) / (1 - jnp.where(top, 0, a_base)))
+        mean = jnp.where(jnp.isneginf(rest), 0, mean)  # a row with one visible key: no others
+        new_row = jax.nn.sigmoid(rest - s_new) * mean + jax.nn.sigmoid(s_new - rest) * g
         per_entry = jnp.where(keep & changed[None, :, None, None, :], new_row - row_base[..., None], 0)
         per_key = _group_heads(per_entry.sum(-2), cfg, 2)  # [layer, batch, kv_head, key_pos]
         out["k_by_pos"] = jnp.moveaxis(per_key, (0, 2), (1, 3))  # [batch, layer, pos, kv_head]

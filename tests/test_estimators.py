@@ -89,6 +89,19 @@ def test_saturated_head_atp_star_fixes_the_sign(tiny_model):
     assert abs(star - exact) <= 0.3 * abs(exact)
 
 
+def test_qk_fix_of_keys_where_attention_rounds_to_one(tiny_model):
+    """Heads so saturated that float32 attention probabilities are exactly 1: the one-key
+    softmax update stays finite and equals the naive recomputation."""
+    model = saturate_head(saturate_head(tiny_model[0], 1, 1, 30.0), 0, 2, 30.0)
+    task = make_task(seed=2, padded=True)
+    _, cache = model.run(task.corrupt_tokens, task.attention_mask, cache_keys=("attn.hook_pattern",))
+    assert (np.asarray(cache["attn.hook_pattern"]) == 1.0).any()
+    star = attribute(model, task, ("k_by_pos",), method="atp_star")
+    want = naive_qk_fixed(model, task, "k_by_pos", "denoise")
+    assert np.isfinite(star["k_by_pos"]).all() and np.isfinite(star.graddrop["k_by_pos"]).all()
+    np.testing.assert_allclose(star["k_by_pos"], want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("name", ["gpt2", *FAMILIES])
 def test_estimators_on_every_family(family, tiny_model, name):
     """The QK fix against naive recomputation (rotary, grouped kv heads, windows and soft-caps
