@@ -255,6 +255,12 @@ def _as_carrier(results: PatchResults, site: str) -> PatchResults:
         results, scores={_CARRIER: Scores(_CARRIER, np.reshape(results[site], (1, -1)))})
 
 
+def _located(site: str, shape: tuple[int, ...], flat: int) -> tuple[tuple[int, ...], str]:
+    """A carrier component's index in `site`'s grid and its label (``"blocks_0/attn[3]"``)."""
+    index = tuple(int(i) for i in np.unravel_index(flat, shape))
+    return index, f"{site}[{','.join(map(str, index))}]" if index else site
+
+
 def validate_flax(atp: PatchResults, exact: PatchResults,
                   thresholds: Thresholds | None = None) -> Validation:
     """:func:`attrpatch.validation.validate` for site-keyed results (:func:`attribute_flax`,
@@ -271,7 +277,7 @@ def validate_flax(atp: PatchResults, exact: PatchResults,
     sites = [s for s in atp.scores if s in exact.scores]
     if not sites:
         raise ValueError(f"no site in common: AtP has {sorted(atp.scores)}, exact {sorted(exact.scores)}")
-    by_site, by_family, verdicts, flags, grids = {}, {}, {}, [], {}
+    by_site, by_family, verdicts, flags, grids, drivers = {}, {}, {}, [], {}, {}
     for site in sites:
         shape = np.shape(exact[site])
         if np.shape(atp[site]) != shape:
@@ -281,13 +287,16 @@ def validate_flax(atp: PatchResults, exact: PatchResults,
         by_site[site], by_family[site], verdicts[site] = (
             v.by_granularity[_CARRIER], v.by_family[family], v.verdicts[family])
         for f in v.flags:
-            index = tuple(int(i) for i in np.unravel_index(f.index[1], shape))
-            label = f"{site}[{','.join(map(str, index))}]" if index else site
+            index, label = _located(site, shape, f.index[1])
             flags.append(dataclasses.replace(f, granularity=site, index=index, label=label))
+        if family in v.drivers:
+            drivers[site] = [d | dict(zip(("index", "label"), _located(site, shape, d["index"][1]),
+                                          strict=True), granularity=site) for d in v.drivers[family]]
         grids[site] = v.flag_grids[_CARRIER].reshape(shape)
     flags.sort(key=lambda f: -f.severity)
     all_exact = np.abs(np.concatenate([np.ravel(exact[s]) for s in sites]))
     finite = all_exact[np.isfinite(all_exact)]
     unit = (abs(exact.gap) if abs(exact.gap) >= thresholds.min_gap
             else float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
-    return Validation(exact.gap, unit, thresholds, by_site, by_family, verdicts, flags, grids, v.note)
+    return Validation(exact.gap, unit, thresholds, by_site, by_family, verdicts, flags, grids, v.note,
+                      atp.method, drivers)

@@ -309,10 +309,12 @@ def validation_section(runs: dict[str, tuple[PatchResults, PatchResults, Validat
         f"{', '.join(f'`{g}`' for g in grans)}; compared by `attrpatch.validate` with causes "
         f"from `attrpatch.diagnose` (default `Thresholds`). Verdict per site family: *reliable* "
         f"with Pearson >= {t.reliable_pearson} and no high-severity flag, *caution* with Pearson "
-        f">= {t.caution_pearson}, else *unreliable*. A flag is a component where the two disagree "
-        f"by at least {t.large:.0%} of the gap (false negative / positive, sign flip, or a "
-        f"magnitude error: same sign, ratio outside {1 / t.magnitude_ratio:g}..{t.magnitude_ratio:g}); "
-        f"severity |AtP - exact| / |gap|, high from {t.severity_high}. Errors are shares of the "
+        f">= {t.caution_pearson}, else *unreliable*. A flag is a component where the two disagree: "
+        f"a false negative / positive (an effect of at least {t.large:.0%} of the gap the other "
+        f"misses), a sign flip (both at least {t.small:.0%}), or a magnitude error (off by at "
+        f"least {t.large:.0%} with severity at least {t.magnitude_severity:g}); severity is "
+        f"|AtP - exact| / |gap|, shrunk smoothly as their ratio nears 1 (`attrpatch.Thresholds`), "
+        f"high from {t.severity_high}. Errors are shares of the "
         f"gap, the logit-diff change a patch moving the base run all the way to the source would "
         f"make. Recomputed from the checkpoint by `python -m attrpatch.train card <dir>`.")
     parts = ["## AtP vs exact patching\n\n" + textwrap.fill(
