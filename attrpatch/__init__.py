@@ -1,70 +1,67 @@
-"""attrpatch: attribution patching and exact activation patching in JAX, validated against each other."""
+"""attrpatch: attribution patching and exact activation patching in JAX, validated against each other.
 
-from attrpatch.arch import ModelConfig
-from attrpatch.attribution import attribute
-from attrpatch.data import load_task
-from attrpatch.interventions import Interventions, Patch
-from attrpatch.loading import load_model, save_model
-from attrpatch.model import Model
-from attrpatch.patching import gaussian_noise_corruption, patch, top_neurons
-from attrpatch.results import ESTIMATORS, GRANULARITIES, PatchResults, Scores
-from attrpatch.sites import all_site_names, parse_site_name
-from attrpatch.task import METRICS, MetricReference, Task
-from attrpatch.tasks import task_for_model
-from attrpatch.tokenizer import load_tokenizer
-from attrpatch.validation import (
-    Diagnostics,
-    Thresholds,
-    Validation,
-    diagnose,
-    validate,
-    verify_budgeted,
-    verify_until,
-)
+The public API below is imported on first use (PEP 562), so ``import attrpatch`` and the
+command line start without loading JAX until they need it (the command line defers Ctrl-C
+before that).
+"""
 
-__all__ = [
-    "Diagnostics",
-    "ESTIMATORS",
-    "GRANULARITIES",
-    "Interventions",
-    "METRICS",
-    "MetricReference",
-    "Model",
-    "ModelConfig",
-    "Patch",
-    "PatchResults",
-    "Scores",
-    "Task",
-    "Thresholds",
-    "Validation",
-    "all_site_names",
-    "attribute",
-    "diagnose",
-    "gaussian_noise_corruption",
-    "load_model",
-    "load_task",
-    "load_tokenizer",
-    "parse_site_name",
-    "patch",
-    "save_model",
-    "task_for_model",
-    "top_neurons",
-    "validate",
-    "verify_budgeted",
-    "verify_until",
-]
+from importlib import import_module
+
+# public name -> the module that defines it
+_API = {
+    "ModelConfig": "attrpatch.arch",
+    "attribute": "attrpatch.attribution",
+    "load_task": "attrpatch.data",
+    "Interventions": "attrpatch.interventions",
+    "Patch": "attrpatch.interventions",
+    "load_model": "attrpatch.loading",
+    "save_model": "attrpatch.loading",
+    "Model": "attrpatch.model",
+    "gaussian_noise_corruption": "attrpatch.patching",
+    "patch": "attrpatch.patching",
+    "top_neurons": "attrpatch.patching",
+    "ESTIMATORS": "attrpatch.results",
+    "GRANULARITIES": "attrpatch.results",
+    "PatchResults": "attrpatch.results",
+    "Scores": "attrpatch.results",
+    "all_site_names": "attrpatch.sites",
+    "parse_site_name": "attrpatch.sites",
+    "METRICS": "attrpatch.task",
+    "MetricReference": "attrpatch.task",
+    "Task": "attrpatch.task",
+    "task_for_model": "attrpatch.tasks",
+    "load_tokenizer": "attrpatch.tokenizer",
+    "Diagnostics": "attrpatch.validation",
+    "Thresholds": "attrpatch.validation",
+    "Validation": "attrpatch.validation",
+    "diagnose": "attrpatch.validation",
+    "validate": "attrpatch.validation",
+    "verify_budgeted": "attrpatch.validation",
+    "verify_until": "attrpatch.validation",
+    # Flax support needs flax (`pip install "attrpatch[flax]"`).
+    "FlaxModel": "attrpatch.flax_models",
+    "attribute_flax": "attrpatch.flax_models",
+    "flax_sites": "attrpatch.flax_models",
+    "patch_flax": "attrpatch.flax_models",
+    "validate_flax": "attrpatch.flax_models",
+}
+__all__ = sorted(_API)
 __version__ = "0.1.0"
-
-# Flax support loads flax only when first used (`pip install "attrpatch[flax]"`).
-_FLAX_NAMES = ("FlaxModel", "attribute_flax", "flax_sites", "patch_flax", "validate_flax")
-__all__ += list(_FLAX_NAMES)
 
 
 def __getattr__(name):
-    if name in _FLAX_NAMES:
-        try:
-            from attrpatch import flax_models
-        except ImportError as e:
+    if name not in _API:
+        raise AttributeError(f"module 'attrpatch' has no attribute {name!r}")
+    try:
+        module = import_module(_API[name])
+    except ImportError as e:
+        if _API[name] == "attrpatch.flax_models":
             raise ImportError(f"attrpatch.{name} needs flax: pip install 'attrpatch[flax]'") from e
-        return getattr(flax_models, name)
-    raise AttributeError(f"module 'attrpatch' has no attribute {name!r}")
+        raise
+    value = getattr(module, name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))

@@ -49,8 +49,6 @@ from attrpatch.results import (
     available_granularities,
     check_granularities,
 )
-from attrpatch.task import METRICS
-from attrpatch.validation import recall_keys
 
 # TransformerLens short site names -> granularities (default, extra with --by-pos).
 SITES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -263,6 +261,8 @@ def results_meta(r: PatchResults | None) -> dict | None:
 def comparison(validations: dict) -> dict:
     """Estimators side by side per site family: ``{family: {method: {verdict, pearson,
     spearman, recall@K..., n_flags}}}`` from each estimator's :class:`Validation`."""
+    from attrpatch.validation import recall_keys
+
     out: dict = {}
     for method, v in validations.items():
         for fam, s in v.by_family.items():
@@ -446,6 +446,7 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
 
     with _output_dir(out) as staging:
         try:
+            raise_if_interrupted()  # a Ctrl-C while loading
             timings = {}
             estimates, exact, diagnostics, validations, budget, until = {}, None, None, {}, {}, {}
             for method in (m for m in methods if m in ESTIMATORS):
@@ -700,6 +701,8 @@ def _command() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from attrpatch.task import METRICS
+
     p = argparse.ArgumentParser(prog="attrpatch", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -767,10 +770,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Entry point of the ``attrpatch`` console script; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        # From the start: importing JAX, loading and compiling are not safe points.
+        with deferred_interrupts():
+            args = build_parser().parse_args(argv)
+            return args.func(args)
     except CLIError as e:
         print(f"attrpatch: error: {e}", file=sys.stderr)
         return 2

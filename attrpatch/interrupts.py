@@ -23,6 +23,7 @@ from contextlib import contextmanager
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd command
 
 _requested = threading.Event()
+_cleanups: list[Callable[[], object]] = []  # of the active deferred_interrupts blocks, outermost first
 
 
 def raise_if_interrupted() -> None:
@@ -32,32 +33,40 @@ def raise_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+def _on_sigint(signum, frame) -> None:
+    if not _requested.is_set():
+        _requested.set()
+        sys.stderr.write("\nattrpatch: stopping at the next safe point (Ctrl-C again to quit now)\n")
+        return
+    for cleanup in reversed(_cleanups):
+        cleanup()
+    sys.stderr.write("attrpatch: interrupted; nothing written\n")
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
 @contextmanager
 def deferred_interrupts(cleanup: Callable[[], object] = lambda: None) -> Iterator[None]:
     """Within: the first Ctrl-C is deferred to the next :func:`raise_if_interrupted`; a second
-    calls `cleanup()` and exits with code 130 (``os._exit``: no interpreter teardown while XLA
-    may still be running). Only installed in the main thread, and only where SIGINT has Python's
-    default handler (a launcher that ignores SIGINT keeps it ignored)."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    calls the `cleanup()` of every active block (innermost first) and exits with code 130
+    (``os._exit``: no interpreter teardown while XLA may still be running). Blocks nest: an inner
+    one only adds its cleanup, and a Ctrl-C deferred before it is still acted on inside it. Only
+    installed in the main thread, and only where SIGINT has Python's default handler (a launcher
+    that ignores SIGINT keeps it ignored)."""
+    current = signal.getsignal(signal.SIGINT)
+    nested = current is _on_sigint
+    if threading.current_thread() is not threading.main_thread() or not (
+            nested or current is signal.default_int_handler):
         yield
         return
-
-    def on_sigint(signum, frame):
-        if not _requested.is_set():
-            _requested.set()
-            sys.stderr.write("\nattrpatch: stopping at the next safe point (Ctrl-C again to quit "
-                             "now)\n")
-            return
-        cleanup()
-        sys.stderr.write("attrpatch: interrupted; nothing written\n")
-        sys.stderr.flush()
-        os._exit(EXIT_INTERRUPTED)
-
-    _requested.clear()
-    signal.signal(signal.SIGINT, on_sigint)
+    _cleanups.append(cleanup)
+    if not nested:
+        _requested.clear()
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        _requested.clear()
+        _cleanups.remove(cleanup)
+        if not nested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            _requested.clear()
