@@ -266,6 +266,40 @@ def cancellation_sweep(model, task, grans, source):
     return rows, planted
 
 
+def random_model_cancellations(seeds=range(4), reader=(1, 1)):
+    """The planted cancellation on random 2-layer GPT-2-shaped models (weights N(0, 0.2): far
+    from linear), every layer-0 head as source, denoising: how often AtP misses the source and
+    how often GradDrop's ranking (max(|AtP*|, GradDrop)) catches it."""
+    from attrpatch.arch.transformer import init_params
+
+    cfg = attrpatch.ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=128, n_ctx=16, d_vocab=61)
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, cfg.d_vocab, (3, 6))
+    corrupt = clean.copy()
+    corrupt[:, 2:4] = (clean[:, 2:4] + 1 + rng.integers(0, cfg.d_vocab - 1, (3, 2))) % cfg.d_vocab
+    task = attrpatch.Task(clean, corrupt, rng.integers(0, cfg.d_vocab, (3, 2)),
+                          rng.integers(0, cfg.d_vocab, (3, 1)))
+    rows = []
+    for seed in seeds:
+        params = jax.tree.map(lambda x: 10 * x if x.ndim >= 2 else x,
+                              init_params(cfg, jax.random.key(seed)))
+        model = attrpatch.Model(cfg, params)
+        for head in range(cfg.n_heads):
+            source = (0, head)
+            planted, _ = plant_cancellation(model, task, source=source, reader=reader)
+            exact = attrpatch.patch(planted, task, ("z",), progress=False)
+            star = attrpatch.attribute(planted, task, ("z",), method="atp_star")
+            unit = abs(exact.gap)
+            ex, est = float(exact["z"][source]), float(star["z"][source])
+            gd = float(star.graddrop["z"][source])
+            big = abs(ex) >= LARGE * unit
+            rows.append({"seed": seed, "source": list(source), "exact_share": ex / unit,
+                         "atp_share": est / unit, "graddrop_share": gd / unit,
+                         "atp_fn": big and abs(est) < MISS * abs(ex),
+                         "rank_fn": big and max(abs(est), gd) < MISS * abs(ex)})
+    return rows
+
+
 def ig_convergence(model, task, direction, exact, gran="resid_pre"):
     """Mean |IG - exact| / |gap| and mean |IG - IG(64)| / |gap| for each step count."""
     out = {"granularity": gran, "direction": direction, "steps": list(IG_STEPS),
@@ -360,6 +394,8 @@ def main(argv=None) -> dict:
                               est, ex_warm, top_components(exact, SHIPPED)))
 
     # IG convergence on the big-patch case.
+    random_plants = random_model_cancellations()
+    random_missed = [r for r in random_plants if r["atp_fn"]]
     exact_noise = runs[("gpt2", "noise")][0]
     conv = ig_convergence(gpt2, task, "noise", exact_noise)
 
@@ -401,6 +437,9 @@ def main(argv=None) -> dict:
             "holds": own(cancel_case, "atp_star", "fn_rank") < own(cancel_case, "atp", "fn"),
             "sweep_source_missed_by_atp": len(missed),
             "sweep_of_those_caught_by_graddrop": sum(not r["source_rank_fn"] for r in missed),
+            "random_models_plants": len(random_plants),
+            "random_models_source_missed_by_atp": len(random_missed),
+            "random_models_of_those_caught_by_graddrop": sum(not r["rank_fn"] for r in random_missed),
         },
         "ig_quadrature_error_falls_with_steps": {
             m: falls(conv[m]["mean_abs_error_vs_reference"]) for m in ("ig", "ig_inputs")},
@@ -434,6 +473,9 @@ def main(argv=None) -> dict:
           f"catches {checks['graddrop_cuts_fn_on_cancellation']['sweep_of_those_caught_by_graddrop']}"
           f" of them. Table case: the miss with the largest exact effect ({pick['direction']}, "
           f"reader L{reader[0]}H{reader[1]}).")
+    print(f"Random 2-layer models (4 seeds x 4 layer-0 source heads, reader L1H1, denoising): AtP "
+          f"misses the source in {len(random_missed)} of {len(random_plants)} plants; GradDrop's "
+          f"ranking catches {sum(not r['rank_fn'] for r in random_missed)} of them.")
     print()
     print(f"IG convergence, big-patch case ({conv['granularity']}, {conv['direction']}): mean |error| "
           "/ |gap| over components")
@@ -456,7 +498,8 @@ def main(argv=None) -> dict:
         "benchmark": "estimators", "prompts": args.prompts, "ig_steps": args.steps,
         "thresholds": {"large": LARGE, "miss_ratio": MISS, "small": SMALL},
         "granularities_run": {"ioi-gpt2-4l": list(GPT2_GRANS), "ioi-llama-4l": list(SHIPPED)},
-        "cases": cases, "cancellation_sweep": sweep, "ig_convergence": conv, "checks": checks,
+        "cases": cases, "cancellation_sweep": sweep, "random_model_cancellations": random_plants,
+        "ig_convergence": conv, "checks": checks,
         "runtime_seconds": runtime,
         "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
         "jax": jax.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
