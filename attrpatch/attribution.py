@@ -23,8 +23,9 @@ estimator gives ``(a_source - a_base) . w``, summed over the component, for some
 - *GradDrop* (section 3.1.2). Cancelling paths make a gradient small even where a patch matters.
   For each layer ``l`` the backward is rerun with the gradient through that layer's writes to the
   residual stream (``hook_attn_out`` and ``hook_mlp_out``) zeroed; the GradDrop estimate is
-  ``sum_l |estimate_l| / (n_layers - 1)``, as the paper defines it: an *unsigned* magnitude
-  (`PatchResults.graddrop`), a ranking signal for false negatives, not an effect. The signed
+  ``sum_l |estimate_l| / (n_layers - 1)``, as the paper defines it (here |.| of each layer's
+  batch-mean estimate): an *unsigned* magnitude (`PatchResults.graddrop`), a ranking signal meant
+  to catch false negatives, not an effect. The signed
   ``atp_star`` scores are the QK-fixed AtP. Cost: ``n_layers`` extra forwards and backwards.
 
 **Integrated gradients** (Sundararajan et al. 2017) use the midpoint rule with ``steps`` points
@@ -56,6 +57,7 @@ from attrpatch.results import (
     DIRECTIONS,
     ESTIMATORS,
     GRANULARITIES,
+    QK_GRANULARITIES,
     PatchResults,
     Scores,
     check_granularities,
@@ -64,8 +66,6 @@ from attrpatch.results import (
 from attrpatch.sites import block_keys, site_axes
 from attrpatch.task import MetricFn, MetricReference, Task, check_reference, resolve_metric
 
-# Granularities whose components act only through their head's attention pattern (QK fix).
-QK_GRANULARITIES = ("q", "k", "q_by_pos", "k_by_pos")
 # The sites that write a layer's output into the residual stream (GradDrop cuts them).
 _WRITES = ("hook_attn_out", "hook_mlp_out")
 
@@ -98,8 +98,8 @@ def qk_fixed(cfg, base: dict, source: dict, pattern_grad, changed, attention_mas
     **Arguments:** `base`, `source`: caches with the query and key sites of :func:`_qk_keys`
     (``[layer, batch, pos, head, d_head]``); `pattern_grad`: dMetric/dA
     ``[layer, batch, head, query_pos, key_pos]`` at the base run; `changed` ``[batch, pos]``:
-    positions at or after the prompt's first differing token; `granularities`: which of
-    :data:`QK_GRANULARITIES` to return.
+    positions at or after the prompt's first differing token; `attention_mask`: ``[batch, pos]``
+    or None; `granularities`: which of :data:`attrpatch.results.QK_GRANULARITIES` to return.
 
     **Returns:** granularity -> ``[batch, *axes]``.
     """
@@ -147,7 +147,7 @@ def qk_fixed(cfg, base: dict, source: dict, pattern_grad, changed, attention_mas
         rest = jnp.where(top, rest_top, lse + jnp.log1p(-jnp.where(top, 0, a_base)))
         mean = jnp.where(top, mean_top,
                          (row_base[..., None] - a_base * g) / (1 - jnp.where(top, 0, a_base)))
-        mean = jnp.where(jnp.isneginf(rest), 0, mean)  # a row with one visible key: no others
+        mean = jnp.where(jnp.isneginf(rest), 0, mean)  # a one-position prompt: no other keys
         new_row = jax.nn.sigmoid(rest - s_new) * mean + jax.nn.sigmoid(s_new - rest) * g
         per_entry = jnp.where(keep & changed[None, :, None, None, :], new_row - row_base[..., None], 0)
         per_key = _group_heads(per_entry.sum(-2), cfg, 2)  # [layer, batch, kv_head, key_pos]

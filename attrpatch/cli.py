@@ -1,7 +1,8 @@
 """Command line: ``attrpatch demo | scan | validate`` (also ``python -m attrpatch``).
 
-- ``attrpatch demo [--model DIR] [--out DIR]``: AtP, exact patching and validation on the shipped
-  IOI model (or any checkpoint naming its task in ``attrpatch_task.json``), then the report.
+- ``attrpatch demo [--model DIR] [--out DIR]``: AtP, AtP*, IG (inputs), exact patching and
+  validation of each on the shipped IOI model (or any checkpoint naming its task in
+  ``attrpatch_task.json``), then the report.
 - ``attrpatch scan --model DIR --data FILE --out DIR [--sites ...]
   [--methods atp,atp_star,ig,ig_inputs,exact] [--steps N] [--direction denoise|noise]
   [--metric NAME] [--verify-top K --verify-random R | --verify-until SHARE] [--by-pos]``.
@@ -65,7 +66,7 @@ SITES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "post": (("post",), ("post_by_pos",)),
 }
 DEFAULT_SITES = DEFAULT_GRANULARITIES  # less the MLP ones on attention-only models
-DEMO_RANDOM_NEURONS = 32  # exact-verify this many random neurons outside AtP's top 64
+DEMO_RANDOM_NEURONS = 32  # exact-verify this many random neurons outside AtP's top 64 (primary)
 DEMO_SITES = ("resid_pre", "attn_out", "mlp_out", "z", "z_by_pos", "q", "k", "post")
 DEFAULT_MODEL = "ioi-gpt2-4l"
 METHODS = (*ESTIMATORS, "exact")
@@ -398,7 +399,9 @@ def load_outputs(out_dir: Path):
                                 seconds=meta.get("seconds"), cost_forwards=meta.get("cost_forwards"),
                                 graddrop=grids("graddrop") if method == "atp_star" else None)
 
-        estimates = {m: results_of(meta) for m, meta in (summary.get("estimators") or {}).items()}
+        # outputs written before there were several estimators hold one, under "atp"
+        metas = summary.get("estimators") or ({"atp": summary["atp"]} if summary.get("atp") else {})
+        estimates = {m: results_of(meta) for m, meta in metas.items()}
         exact = results_of(summary["exact"]) if summary.get("exact") else None
         diagnostics = None
         if (out_dir / "diagnostics.npz").is_file() and summary.get("diagnostics"):
@@ -558,6 +561,9 @@ def print_summary(summary: dict, out: Path, file=None) -> None:
                   + f"{s['n_flags']:>7}", file=file)
         if v.get("note"):
             print(v["note"], file=file)
+        for fam, items in (v.get("drivers") or {}).items():
+            print(f"  {fam} ({v['verdicts'][fam]}) driven by: " + ", ".join(
+                d["label"] for d in items[:3]), file=file)
         for f in v["flags"][:5]:
             print(f"  [{f['level']}] {f['label']}: {f['reason']}", file=file)
         if len(v["flags"]) > 5:
@@ -632,8 +638,8 @@ def cmd_scan(args) -> int:
                            "--verify-top/--verify-random: drop exact from --methods")
         if not set(methods) & set(ESTIMATORS):
             raise CLIError("--verify-until needs an estimator in --methods to order the components")
-    if args.verify_budget is not None and args.verify_budget < 1:
-        raise CLIError("--verify-budget must be >= 1")
+    if args.verify_budget is not None and (args.verify_budget < 1 or args.verify_until is None):
+        raise CLIError("--verify-budget takes a positive number of exact patches, with --verify-until")
     for name in ("verify_top", "verify_random"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 0")

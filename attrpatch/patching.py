@@ -373,7 +373,6 @@ def top_neurons(results: PatchResults, k: int) -> list[tuple[int, int]]:
         vals = np.max(results.ranking("post_by_pos"), axis=1)
     else:
         raise ValueError("top_neurons: results have no 'post' or 'post_by_pos' scores")
-    vals = np.where(np.isnan(vals), -np.inf, vals)
     order = np.argsort(-vals, axis=None, kind="stable")[:k]
     return [tuple(int(i) for i in np.unravel_index(o, vals.shape)) for o in order]
 

@@ -6,7 +6,8 @@ an edited copy of a :class:`attrpatch.Model`; the original is unchanged.
 - :func:`saturate_head`: scale one head's W_Q and W_K so its attention is near one-hot. Plain
   AtP then misjudges that head's query and key patches (AtP* section 3.1.1); the QK fix does not.
 - :func:`plant_cancellation`: make a later head undo an earlier head's direct effect, so the
-  gradient at the earlier head nearly cancels (AtP* section 3.1.2); GradDrop exposes it.
+  gradient at the earlier head nearly cancels (AtP* section 3.1.2), the case GradDrop is meant
+  to catch.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ def plant_cancellation(model: Model, task, source: tuple[int, int], reader: tupl
     """Make head `reader` ``(layer, head)`` cancel head `source`'s effect on the metric.
 
     The reader's value-output circuit is set to read the source head's output directions and
-    write them back (W_V = c W_O[source]^T, W_O = W_O[source], no value bias for a model without
-    grouped kv heads), and the scale ``c`` is solved (secant steps on AtP of ``z``) so that the
-    AtP score of the source head is zero: its direct effect and its effect through the reader
-    cancel at the base run. The reader must sit in a later layer.
+    write them back (W_V = c W_O[source]^T, W_O = W_O[source], no value bias), and the scale
+    ``c`` is solved (secant steps on AtP of ``z``) so that the AtP score of the source head is
+    zero (within 1% of its score with c = 0): its direct effect and its effect through the reader
+    cancel at the base run. The reader must sit in a later layer; a model with grouped kv heads
+    is refused (its value heads are shared). Raises `ValueError` where the secant steps do not
+    get there.
 
     **Returns:** ``(edited model, c)``.
     """
@@ -74,7 +77,8 @@ def plant_cancellation(model: Model, task, source: tuple[int, int], reader: tupl
             break
         c0, c1, s0 = c1, c1 - s1 * (c1 - c0) / (s1 - s0), s1
         s1 = score(c1)
-    if not np.isfinite(c1):
-        raise ValueError("could not plant the cancellation: the reader head does not respond to "
-                         "the source head's output")
+    if not (np.isfinite(c1) and abs(s1) <= 0.01 * abs(score(0.0))):
+        raise ValueError(f"could not plant the cancellation: AtP of head {source} is still {s1:+.3g} "
+                         f"after {iterations} secant steps (the reader head {reader} barely responds "
+                         "to the source head's output, or not linearly); try another reader")
     return edited(c1), float(c1)

@@ -1,4 +1,5 @@
-"""Figures (matplotlib, Agg) and a self-contained HTML report of AtP vs exact patching.
+"""Figures (matplotlib, Agg) and a self-contained HTML report of an estimator (AtP, AtP*, IG)
+vs exact patching.
 
 - :func:`heatmap_figure`: one granularity, AtP and exact side by side on one diverging colour
   scale centred on zero, labelled axes (token strings where given).
@@ -23,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from attrpatch.results import FAMILIES, GRANULARITIES, PatchResults  # noqa: E402
-from attrpatch.validation import Validation, recall_keys  # noqa: E402
+from attrpatch.validation import Validation, estimator_label, recall_keys  # noqa: E402
 
 POINT_COLOURS = ("#1f77b4", "#2ca02c", "#17becf", "#7f7f7f", "#bcbd22", "#e377c2")
 FLAG_COLOURS = {"false negative": "#d62728", "false positive": "#ff7f0e",
@@ -61,13 +62,14 @@ def _grid_2d(values: np.ndarray, axes: tuple[str, ...], tokens):
 
 def heatmap_figure(granularity: str, atp: np.ndarray | None, exact: np.ndarray | None,
                    path: str | Path, tokens: Sequence[str] | None = None,
-                   metric: str = "", flags: np.ndarray | None = None) -> Path:
-    """AtP and exact heatmaps of one granularity side by side; one colour scale centred on 0.
+                   metric: str = "", flags: np.ndarray | None = None, label: str = "AtP") -> Path:
+    """Estimate (`atp`, named `label`) and exact heatmaps of one granularity side by side; one
+    colour scale centred on 0.
 
     `flags`: optional ``[*axes]`` strings (non-empty where flagged); flagged cells get a box.
     """
     axes = GRANULARITIES[granularity][1]
-    panels = [(n, v) for n, v in (("AtP", atp), ("exact", exact)) if v is not None]
+    panels = [(n, v) for n, v in ((label, atp), ("exact", exact)) if v is not None]
     views = [(name,) + _grid_2d(v, axes, tokens) for name, v in panels]
     finite = np.concatenate([np.ravel(v[1])[np.isfinite(np.ravel(v[1]))] for v in views] + [np.zeros(1)])
     vmax = float(np.abs(finite).max()) or 1.0
@@ -139,7 +141,7 @@ def scatter_figure(family: str, atp: PatchResults, exact: PatchResults, validati
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_ylim(lo - pad, hi + pad)
     ax.set_xlabel(f"exact patching effect ({exact.metric})")
-    ax.set_ylabel(f"AtP estimate ({atp.metric})")
+    ax.set_ylabel(f"{estimator_label(atp.method)} estimate ({atp.metric})")
     stats = validation.by_family[family]
     rk = f"recall@{max(validation.thresholds.top_k)}" if validation.thresholds.top_k else (
         recall_keys(validation.thresholds)[-1])
@@ -164,7 +166,8 @@ def make_figures(out_dir: str | Path, atp: PatchResults | None, exact: PatchResu
         a = atp[g] if atp is not None and g in atp.scores else None
         e = exact[g] if exact is not None and g in exact.scores else None
         flags = validation.flag_grids.get(g) if validation is not None else None
-        paths.append(heatmap_figure(g, a, e, out_dir / f"heatmap_{g}.png", tokens, metric, flags))
+        paths.append(heatmap_figure(g, a, e, out_dir / f"heatmap_{g}.png", tokens, metric, flags,
+                                    estimator_label(atp.method) if atp is not None else "AtP"))
     if validation is not None:
         for fam in validation.by_family:
             slug = fam.replace(" ", "_").replace("/", "")
@@ -240,7 +243,9 @@ def write_report(out_dir: str | Path, summary: dict, figures: Sequence[Path],
     if validation is not None:
         t = validation.thresholds
         recalls = recall_keys(t)
-        h.append("<h2>Verdict per site family</h2><table><tr><th>family</th><th>verdict</th>"
+        name = html.escape(estimator_label(validation.estimator))
+        h.append(f"<h2>Verdict per site family ({name} against exact)</h2>"
+                 "<table><tr><th>family</th><th>verdict</th>"
                  "<th>n</th><th>Pearson</th><th>Spearman</th><th>slope</th><th>sign agreement</th>"
                  + "".join(f"<th>{html.escape(k)}</th>" for k in recalls)
                  + "<th>median |err| / |gap|</th><th>max |err| / |gap|</th><th>flags (high)</th></tr>")
@@ -254,15 +259,23 @@ def write_report(out_dir: str | Path, summary: dict, figures: Sequence[Path],
         h.append("</table>")
         if validation.note:
             h.append(f"<p class='unreliable'>{html.escape(validation.note)}</p>")
+        if validation.drivers:
+            h.append("<h3>What drives each caution / unreliable verdict</h3><ul>")
+            for fam, items in validation.drivers.items():
+                h.append(f"<li><b>{html.escape(fam)}</b>: " + "; ".join(
+                    f"<code>{html.escape(d['label'])}</code> ({name} {d['estimate']:+.3g}, exact "
+                    f"{d['exact']:+.3g}: {html.escape(d['why'])})" for d in items)
+                    + "</li>")
+            h.append("</ul>")
         h.append(f"<p>gap (source - base metric) = {validation.gap:.4g}; effects compared in units "
                  f"of {validation.unit:.4g}. Reliable: Pearson &ge; {t.reliable_pearson} and no "
-                 f"high-severity flag, or every |AtP - exact| below {t.small:g} of the unit and "
+                 f"high-severity flag, or every |{name} - exact| below {t.small:g} of the unit and "
                  f"no flag; caution: Pearson &ge; {t.caution_pearson}; else unreliable; n/a: no "
                  f"component of the family verified. Diagnosed causes use these thresholds "
                  f"(re-validation recomputes them from the saved raw diagnostics).</p>")
         h.append(f"<h2>Flags ({len(validation.flags)}), by severity</h2>")
         if validation.flags:
-            h.append("<table><tr><th>component</th><th>kind</th><th>severity</th><th>AtP</th>"
+            h.append(f"<table><tr><th>component</th><th>kind</th><th>severity</th><th>{name}</th>"
                      "<th>exact</th><th>cause</th><th>reason</th></tr>")
             for f in validation.flags[:200]:
                 h.append(f"<tr class='{f.level}'><td><code>{html.escape(f.label)}</code></td>"

@@ -43,6 +43,7 @@ from attrpatch.results import (
     ESTIMATORS,
     FAMILIES,
     GRANULARITIES,
+    QK_GRANULARITIES,
     PatchResults,
     Scores,
     check_granularities,
@@ -59,10 +60,6 @@ BASE_METRIC_RTOL = 1e-2
 ESTIMATOR_LABELS = {"atp": "AtP", "atp_star": "AtP*", "ig": "IG", "ig_inputs": "IG (inputs)",
                     "exact": "exact"}
 assert set(ESTIMATORS) <= set(ESTIMATOR_LABELS)
-
-# Granularities whose components act only through their head's attention pattern (where AtP*'s
-# QK fix changes the estimate).
-QK_GRANULARITIES = ("q", "k", "q_by_pos", "k_by_pos")
 
 # Most components `Validation.drivers` names per family.
 MAX_DRIVERS = 5
@@ -879,6 +876,9 @@ def validate(estimate: PatchResults, exact: PatchResults, diagnostics: Diagnosti
                 g, values | {estimate.method: float(a[idx])},
                 None if gd is None else float(gd[idx]), unit, t)
             causes, notes = causes + more_causes, notes + more_notes
+            if estimate.method == "atp_star" and g in QK_GRANULARITIES:  # the QK fix handled these
+                kept = [i for i, c in enumerate(causes) if "attention saturation" not in c]
+                causes, notes = [causes[i] for i in kept], [notes[i] for i in kept]
             reason = (f"{kind}: exact {e[idx]:+.3g} ({re_:+.0%} of |gap|), {label} {a[idx]:+.3g} "
                       f"({ra:+.0%})")
             reason += "; " + "; ".join(notes) if notes else (
@@ -998,14 +998,15 @@ class BudgetReport:
         return dataclasses.asdict(self) | {"top": self.top.tolist(), "random": self.random.tolist()}
 
 
-def budget_sample(atp_values: np.ndarray, k: int, r: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the top `k` components by |AtP| and `r` random others (``[n, ndim]`` each)."""
-    flat = np.abs(np.ravel(np.nan_to_num(atp_values, nan=0.0)))
+def budget_sample(ranking: np.ndarray, k: int, r: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the top `k` components by |ranking| (an estimate, or
+    `PatchResults.ranking`) and `r` random others (``[n, ndim]`` each)."""
+    flat = np.abs(np.ravel(np.nan_to_num(ranking, nan=0.0)))
     order = np.argsort(-flat, kind="stable")
     top, rest = order[: min(k, len(flat))], order[min(k, len(flat)):]
     rng = np.random.default_rng(seed)
     rand = rng.choice(rest, size=min(r, len(rest)), replace=False) if len(rest) else rest
-    as_idx = lambda flat_idx: np.stack(np.unravel_index(np.sort(flat_idx), atp_values.shape), -1)
+    as_idx = lambda flat_idx: np.stack(np.unravel_index(np.sort(flat_idx), np.shape(ranking)), -1)
     return as_idx(top), as_idx(rand)
 
 
@@ -1027,7 +1028,8 @@ def verify_budgeted(model, task, atp: PatchResults, top_k: int = 10, n_random: i
                     seed: int = 0, thresholds: Thresholds = Thresholds(),
                     granularities: Sequence[str] | None = None, metric=None,
                     ) -> tuple[PatchResults, dict[str, BudgetReport]]:
-    """Exact patching of AtP's top `top_k` components plus `n_random` random others.
+    """Exact patching of an estimator's top `top_k` components (by `atp.ranking`: for AtP*, the
+    larger of |estimate| and GradDrop) plus `n_random` random others.
 
     `metric`: the metric function when `atp` used a custom callable (its results hold only the
     name); None uses ``atp.metric`` (a name from :data:`attrpatch.METRICS`).
@@ -1041,7 +1043,7 @@ def verify_budgeted(model, task, atp: PatchResults, top_k: int = 10, n_random: i
     base = source = None
     for g in granularities:
         a = np.asarray(atp[g])
-        top, rand = budget_sample(a, top_k, n_random, seed)
+        top, rand = budget_sample(atp.ranking(g), top_k, n_random, seed)
         idx = np.concatenate([top, rand]) if len(rand) else top
         eff, base, source = exact_components(model, task, g, idx, atp.direction,
                                              atp.metric if metric is None else metric)

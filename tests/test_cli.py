@@ -158,6 +158,22 @@ def test_scan_compares_estimators_side_by_side(ckpt, npz_data, tmp_path, capsys)
         np.testing.assert_array_equal(f["graddrop/z"], graddrop)
 
 
+def test_validate_reads_outputs_written_before_estimators(ckpt, npz_data, tmp_path):
+    """An output directory from before several estimators (its summary has "atp", not
+    "estimators") is still re-validated."""
+    out = tmp_path / "old"
+    assert main(["scan", "--model", str(ckpt), "--data", str(npz_data), "--sites", "z",
+                 "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    summary["atp"] = summary.pop("estimators")["atp"]
+    for key in ("primary", "comparison", "validations", "verify_until"):
+        summary.pop(key)
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert main(["validate", str(out), "--threshold", "large=0.2"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["primary"] == "atp" and again["validation"]["thresholds"]["large"] == 0.2
+
+
 def test_scan_verify_until(ckpt, npz_data, tmp_path, capsys):
     """--verify-until: exact patching in the estimator's order until the rest is bounded; the
     statement is printed, saved and reported, and the verified effects are exact's."""
