@@ -36,7 +36,7 @@ def saturate_head(model: Model, layer: int, head: int, factor: float) -> Model:
 
 
 def plant_cancellation(model: Model, task, source: tuple[int, int], reader: tuple[int, int],
-                       direction: str = "denoise", iterations: int = 4) -> tuple[Model, float]:
+                       direction: str = "denoise", iterations: int = 8) -> tuple[Model, float]:
     """Make head `reader` ``(layer, head)`` cancel head `source`'s effect on the metric.
 
     The reader's value-output circuit is set to read the source head's output directions and
