@@ -173,6 +173,10 @@ def _changed_like(key: str, x, changed):
 )
 def _estimate(model, task, first_diff, keys, granularities, direction, metric_fn, per_prompt,
               remat, method, steps):
+    """The jitted body of :func:`attribute`. Every method forms gradient-like `weights` (site key
+    -> ``[layer, batch, *site dims]``, the shape of the activation) and contracts them with the
+    activation differences; returns batch-mean grids, per-prompt grids ``[batch, *axes]`` (if
+    asked), GradDrop magnitudes (``atp_star``), per-prompt base and source metrics."""
     cfg = model.config
     base_tokens, source_tokens = task.runs(direction)
     mask, positions = task.attention_mask, task.answer_positions
