@@ -10,9 +10,9 @@ import dataclasses
 import numpy as np
 import pytest
 from scipy import stats
+from test_validation import _task
 
 from attrpatch.results import PatchResults
-from attrpatch.task import Task
 from attrpatch.validation import (
     default_n_random,
     exact_components,
@@ -21,16 +21,6 @@ from attrpatch.validation import (
     sequential_verification,
     verify_until,
 )
-
-
-def _task(model, seed=0, batch=4, n_pos=8, diff_pos=3):
-    """Random prompts differing at one position; answers where clean and corrupt differ most."""
-    rng = np.random.default_rng(seed)
-    clean = rng.integers(1, model.config.d_vocab, (batch, n_pos))
-    corrupt = clean.copy()
-    corrupt[:, diff_pos] = rng.integers(1, model.config.d_vocab, batch)
-    d = np.asarray(model(clean))[:, -1] - np.asarray(model(corrupt))[:, -1]
-    return Task(clean, corrupt, d.argmax(1), d.argmin(1))
 
 
 class Oracle:
