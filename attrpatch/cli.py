@@ -452,9 +452,9 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
             raise_if_interrupted()  # a Ctrl-C while loading
             timings = {}
             estimates, exact, diagnostics, validations, budget, until = {}, None, None, {}, {}, {}
-            for method in (m for m in methods if m in ESTIMATORS):
-                from attrpatch.attribution import attribute
+            from attrpatch.attribution import attribute
 
+            for method in (m for m in methods if m in ESTIMATORS):
                 t0 = time.perf_counter()
                 estimates[method] = attribute(model, task, granularities=granularities,
                                               direction=direction, metric=metric, method=method,
