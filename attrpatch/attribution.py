@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attrpatch.arch import transformer as T
+from attrpatch.interrupts import raise_if_interrupted
 from attrpatch.interventions import Interventions
 from attrpatch.model import Model
 from attrpatch.results import (
@@ -62,6 +63,15 @@ from attrpatch.results import (
     Scores,
     check_granularities,
     reduce_to_grid,
+)
+from attrpatch.sharding import (
+    check_mesh,
+    constrain,
+    leading_sharding,
+    replicate,
+    shard_leading,
+    shard_model,
+    to_host,
 )
 from attrpatch.sites import block_keys, site_axes
 from attrpatch.task import MetricFn, MetricReference, Task, check_reference, resolve_metric
@@ -169,17 +179,28 @@ def _changed_like(key: str, x, changed):
 @partial(
     jax.jit,
     static_argnames=("keys", "granularities", "direction", "metric_fn", "per_prompt", "remat",
-                     "method", "steps"),
+                     "method", "steps", "batch_sharding"),
 )
-def _estimate(model, task, first_diff, keys, granularities, direction, metric_fn, per_prompt,
-              remat, method, steps):
-    """The jitted body of :func:`attribute`. Every method forms gradient-like `weights` (site key
-    -> ``[layer, batch, *site dims]``, the shape of the activation) and contracts them with the
-    activation differences; returns batch-mean grids, per-prompt grids ``[batch, *axes]`` (if
-    asked), GradDrop magnitudes (``atp_star``), per-prompt base and source metrics."""
+def _estimate(model, task, rows, reference, first_diff, keys, granularities, direction, metric_fn,
+              per_prompt, remat, method, steps, batch_sharding):
+    """The jitted body of :func:`attribute` for the prompts `rows` ``[micro_batch]`` of `task`
+    (an index ``>= task.batch`` is padding: weight 0, no gradient). Every method forms
+    gradient-like `weights` (site key -> ``[layer, micro_batch, *site dims]``, the activation's
+    shape) and contracts them with the activation differences.
+
+    `reference`: the whole batch's :class:`MetricReference`, or None where `rows` is the whole
+    batch in order (it is then this run's own). `batch_sharding`: where the prompt axis goes on a
+    mesh (None: one device).
+
+    Returns sums over the real prompts of the grids ``[*axes]``, per-prompt grids
+    ``[micro_batch, *axes]`` (if asked), per-layer GradDrop sums ``[layer, *axes]`` (``atp_star``),
+    per-prompt base and source metrics ``[micro_batch]``, and the reference."""
     cfg = model.config
-    base_tokens, source_tokens = task.runs(direction)
-    mask, positions = task.attention_mask, task.answer_positions
+    n_prompts = task.batch
+    valid = rows < n_prompts  # [micro_batch]
+    base_tokens, source_tokens = (constrain(t[rows], batch_sharding) for t in task.runs(direction))
+    mask = None if task.attention_mask is None else task.attention_mask[rows]
+    positions = task.answer_positions[rows]
     qk = tuple(g for g in granularities if g in QK_GRANULARITIES) if method == "atp_star" else ()
     grad_keys = tuple(sorted(set(keys) | ({"attn.hook_pattern"} if qk else set())))
     extra = set(_qk_keys(cfg)) if qk else set()
@@ -201,12 +222,21 @@ def _estimate(model, task, first_diff, keys, granularities, direction, metric_fn
         )
 
     base_logits, pullback, base_cache = jax.vjp(base_run, zeros, has_aux=True)
-    if direction == "denoise":
-        reference = MetricReference(source_logits, base_logits)
+    if reference is None:
+        if direction == "denoise":
+            reference = MetricReference(source_logits, base_logits)
+        else:
+            reference = MetricReference(base_logits, source_logits)
+
+        def per_prompt_metric(logits):
+            return metric_fn(logits, task, reference)
     else:
-        reference = MetricReference(base_logits, source_logits)
+        # These prompts' logits in place of theirs in a whole batch (padding rows dropped):
+        # metrics are per prompt given the fixed reference, so the gradient is this batch's.
+        def per_prompt_metric(logits):
+            whole = reference.clean_logits.at[rows].set(logits.astype(reference.clean_logits.dtype))
+            return metric_fn(whole, task, reference)[rows]
     # The reference is held fixed (as in exact patching): differentiate w.r.t. the logits only.
-    per_prompt_metric = lambda logits: metric_fn(logits, task, reference)
 
     def grads_at(deltas, grad_scale=None):
         """dMetric/d(deltas) (per prompt, summed: prompts do not interact) at the given deltas."""
@@ -215,7 +245,7 @@ def _estimate(model, task, first_diff, keys, granularities, direction, metric_fn
     # Causality: before a prompt's first differing token both runs are the same computation, so
     # their activations differ only by compilation (the base run is differentiated, the source
     # run not): the difference there is exactly zero, as in exact patching.
-    changed = jnp.arange(base_tokens.shape[1])[None] >= first_diff[:, None]  # [batch, pos]
+    changed = jnp.arange(base_tokens.shape[1])[None] >= first_diff[rows][:, None]  # [batch, pos]
     diffs = {}
     for key in cache_keys:
         d = source_cache[key].astype(dtypes[key]) - base_cache[key].astype(dtypes[key])
@@ -230,6 +260,9 @@ def _estimate(model, task, first_diff, keys, granularities, direction, metric_fn
                 key = GRANULARITIES[g][0]
                 out[g] = reduce_to_grid(diffs[key] * weights[key], key, g)
         return out
+
+    def real_sum(x):  # [batch, ...] -> [...], padding rows left out
+        return jnp.where(valid.reshape(-1, *[1] * (x.ndim - 1)), x, 0).sum(0)
 
     graddrop = None
     if method in ("atp", "atp_star"):
@@ -261,21 +294,50 @@ def _estimate(model, task, first_diff, keys, granularities, direction, metric_fn
     if method == "atp_star":
         writes = tuple(k for k in _WRITES if k in block_keys(cfg))
 
-        def dropped(layer):
+        def dropped(layer):  # this layer's writes cut: signed sums over the prompts
             cut = (jnp.arange(cfg.n_layers) != layer).astype(jnp.float32)
             w = grads_at(zeros, {k: cut for k in writes})
-            return {g: jnp.abs(v.mean(0)) for g, v in grids(w).items()}
+            return {g: real_sum(v) for g, v in grids(w).items()}
 
-        summed = jax.tree.map(lambda x: x.sum(0), jax.lax.map(dropped, jnp.arange(cfg.n_layers)))
-        graddrop = {g: v / max(cfg.n_layers - 1, 1) for g, v in summed.items()}
+        graddrop = jax.lax.map(dropped, jnp.arange(cfg.n_layers))
     return dict(
-        values={g: v.mean(0) for g, v in per.items()},
+        sums={g: real_sum(v) for g, v in per.items()},
         per_prompt=per if per_prompt else {},
         graddrop=graddrop,
         base=per_prompt_metric(base_logits),
         source=per_prompt_metric(source_logits),
         reference=reference,
     )
+
+
+def _check_options(direction, method, steps, batch_size) -> None:
+    """`ValueError` for a bad direction, method, `steps` or `batch_size` of :func:`attribute`."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if method not in ESTIMATORS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(ESTIMATORS)} "
+                         "(exact effects come from attrpatch.patch)")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if value is None and name == "batch_size":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _micro_batches(n_prompts: int, batch_size: int | None, mesh) -> tuple[int, int]:
+    """(prompts per micro-batch, micro-batches): at most `batch_size` prompts, rounded up to a
+    multiple of the mesh's ``data`` axis (the excess is padding)."""
+    n_data = 1 if mesh is None else mesh.shape["data"]
+    micro = -(-min(batch_size or n_prompts, n_prompts) // n_data) * n_data
+    return micro, -(-n_prompts // micro)
+
+
+@jax.jit
+def _reference_logits(model, task) -> MetricReference:
+    """Answer logits ``[batch, d_vocab]`` of the clean and corrupted runs (the metric's reference)."""
+    def run(tokens):
+        return model.run(tokens, task.attention_mask, logit_positions=task.answer_positions)[0]
+    return MetricReference(run(task.clean_tokens), run(task.corrupt_tokens))
 
 
 def attribute(
@@ -288,6 +350,8 @@ def attribute(
     remat: bool = False,
     method: str = "atp",
     steps: int = 5,
+    batch_size: int | None = None,
+    mesh=None,
 ) -> PatchResults:
     """Estimated patching effects of every component of the requested granularities.
 
@@ -311,22 +375,23 @@ def attribute(
       ``n_layers`` more forwards and backwards than ``atp``), ``"ig"`` (cost linear in
       `steps` x layers x sites), ``"ig_inputs"`` (cost linear in `steps`).
     - `steps`: integration points of ``ig`` and ``ig_inputs`` (midpoint rule).
+    - `batch_size`: prompts per micro-batch (None: all at once). Memory falls with it; results
+      equal one batch's (sums of per-prompt gradients), at the cost of two extra forwards for
+      the metric's reference.
+    - `mesh`: a ``(data, model)`` `jax.sharding.Mesh` (:func:`attrpatch.make_mesh`) or None
+      for one device. Prompts are split over ``data`` (a micro-batch is padded to a multiple of
+      it), parameters over ``model`` (:mod:`attrpatch.sharding`).
 
     **Returns:** :class:`attrpatch.PatchResults` with ``method`` set; ``scores[g].values`` has
     the granularity's axes (e.g. ``[layer, head]`` for ``z``) and is the batch mean of the
     per-prompt scores; ``graddrop`` (``atp_star``) the unsigned GradDrop magnitudes;
     ``cost_forwards`` the nominal cost (:func:`estimator_cost`).
 
-    Raises `ValueError` for an unknown granularity, direction, method or metric, a bad `steps`,
-    or a task the model cannot run.
+    Raises `ValueError` for an unknown granularity, direction, method or metric, a bad `steps`
+    or `batch_size`, a mesh without ``data``/``model`` axes, or a task the model cannot run.
     """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    if method not in ESTIMATORS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(ESTIMATORS)} "
-                         "(exact effects come from attrpatch.patch)")
-    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    _check_options(direction, method, steps, batch_size)
+    mesh = check_mesh(mesh)
     granularities = check_granularities(granularities, model.config)
     task.check_for(model)
     metric_name, metric_fn = resolve_metric(metric, task)
@@ -339,23 +404,39 @@ def attribute(
         )
     keys = tuple(sorted({GRANULARITIES[g][0] for g in granularities}))
 
+    model, task = shard_model(model, mesh), replicate(task, mesh)
+    micro, n_micro = _micro_batches(task.batch, batch_size, mesh)
     start = time.perf_counter()
-    out = _estimate(model, task, jnp.asarray(task.first_diff_positions), keys, granularities,
-                    direction, metric_fn, bool(per_prompt), bool(remat), method, int(steps))
-    out = jax.device_get(out)
+    reference = None
+    if micro * n_micro != task.batch or n_micro > 1:  # padded or split: one reference for all
+        reference = _reference_logits(model, task)
+    first_diff = jnp.asarray(task.first_diff_positions)
+    parts = []
+    for i in range(n_micro):
+        raise_if_interrupted()
+        rows = shard_leading(np.arange(i * micro, (i + 1) * micro, dtype=np.int32), mesh)
+        parts.append(_estimate(model, task, rows, reference, first_diff, keys, granularities,
+                               direction, metric_fn, bool(per_prompt), bool(remat), method,
+                               int(steps), leading_sharding(mesh)))
+    parts = to_host(parts)
     seconds = time.perf_counter() - start
-    check_reference(metric_name, task, out["reference"])
+    check_reference(metric_name, task, to_host(parts[0]["reference"]))
 
+    def whole(get):  # per-prompt arrays of the micro-batches, joined, padding dropped
+        return np.concatenate([get(p) for p in parts])[: task.batch]
+
+    n = task.batch
     scores = {
-        g: Scores(
-            g,
-            np.asarray(out["values"][g]),
-            np.asarray(out["per_prompt"][g]) if per_prompt else None,
-        )
+        g: Scores(g, sum(p["sums"][g] for p in parts) / n,
+                  whole(lambda p, g=g: p["per_prompt"][g]) if per_prompt else None)
         for g in granularities
     }
-    base, source = np.asarray(out["base"]), np.asarray(out["source"])
-    graddrop = out["graddrop"] and {g: np.asarray(v) for g, v in out["graddrop"].items()}
+    base, source = whole(lambda p: p["base"]), whole(lambda p: p["source"])
+    graddrop = None
+    if method == "atp_star":  # sum over layers of |batch-mean estimate with the layer cut|
+        per_layer = {g: sum(p["graddrop"][g] for p in parts) / n for g in granularities}
+        graddrop = {g: np.abs(v).sum(0) / max(model.config.n_layers - 1, 1)
+                    for g, v in per_layer.items()}
     return PatchResults(
         method=method,
         direction=direction,
@@ -369,3 +450,34 @@ def attribute(
         graddrop=graddrop,
         cost_forwards=estimator_cost(method, model.config.n_layers, int(steps), len(keys)),
     )
+
+
+def attribute_memory(model: Model, task: Task, granularities: Sequence[str] | str | None = None,
+                     direction: str = "denoise", metric: str | MetricFn | None = None,
+                     method: str = "atp", steps: int = 5, batch_size: int | None = None,
+                     remat: bool = False, mesh=None) -> dict[str, int]:
+    """Bytes per device that :func:`attribute` with these arguments needs for one micro-batch,
+    from XLA's analysis of the compiled computation (one compile; nothing runs): ``arguments``
+    (parameters, tokens), ``temporaries`` (activations, gradients), ``outputs`` and ``total``.
+    What to lower when it does not fit: `batch_size`, ``remat=True``, or a larger ``model`` axis.
+    """
+    _check_options(direction, method, steps, batch_size)
+    mesh = check_mesh(mesh)
+    granularities = check_granularities(granularities, model.config)
+    _, metric_fn = resolve_metric(metric, task)
+    keys = tuple(sorted({GRANULARITIES[g][0] for g in granularities}))
+    model, task = shard_model(model, mesh), replicate(task, mesh)
+    micro, n_micro = _micro_batches(task.batch, batch_size, mesh)
+    reference = None
+    if micro * n_micro != task.batch or n_micro > 1:
+        reference = jax.eval_shape(_reference_logits, model, task)
+    rows = shard_leading(np.arange(micro, dtype=np.int32), mesh)
+    compiled = _estimate.lower(
+        model, task, rows, reference, jnp.asarray(task.first_diff_positions), keys,
+        granularities, direction, metric_fn, False, bool(remat), method, int(steps),
+        leading_sharding(mesh)).compile()
+    stats = compiled.memory_analysis()
+    out = {"arguments": int(stats.argument_size_in_bytes),
+           "temporaries": int(stats.temp_size_in_bytes),
+           "outputs": int(stats.output_size_in_bytes)}
+    return out | {"total": sum(out.values())}

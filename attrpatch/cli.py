@@ -330,6 +330,7 @@ def write_outputs(out_dir: Path, estimates: dict, exact, validations: dict, diag
     run.setdefault("timings", {})["figures_s"] = round(time.perf_counter() - t0, 3)
     summary = {
         "run": run,
+        "mesh": run.get("mesh"),
         "tokens": tokens,
         "primary": primary.method if primary is not None else None,
         "estimators": {m: results_meta(r) for m, r in estimates.items()},
@@ -431,12 +432,14 @@ def _load_model(model_dir):
 
 def run_pipeline(model, model_dir, task, granularities, methods, direction, metric, out: Path,
                  run: dict, thresholds, verify_top=None, verify_random=None, seed=0,
-                 quiet=False, steps=5, verify_until=None, verify_budget=None) -> dict:
+                 quiet=False, steps=5, verify_until=None, verify_budget=None, mesh=None) -> dict:
     """Estimators / exact / budgeted or sequential verification, diagnostics, validation of
     every estimator, outputs (atomic). The first estimator in `methods` is the primary one:
     verification follows its ranking and the figures show it. `verify_until` (share of the
     gap) runs :func:`attrpatch.validation.verify_until` (at most `verify_budget` exact patches
-    per granularity) instead of exact patching of everything."""
+    per granularity) instead of exact patching of everything. `mesh`: where every engine runs
+    (None: one device); in a multi-process run only process 0 writes `out`."""
+    from attrpatch.sharding import is_writer, mesh_record, shard_model
     from attrpatch.validation import (
         budget_report,
         budget_sample,
@@ -447,7 +450,9 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
     )
     from attrpatch.validation import verify_until as verify_sequentially
 
-    with _output_dir(out) as staging:
+    model = shard_model(model, mesh)  # once, not per engine
+    with _output_dir(out) if is_writer() else tempfile.TemporaryDirectory() as staging:
+        staging = Path(staging)
         try:
             raise_if_interrupted()  # a Ctrl-C while loading
             timings = {}
@@ -458,7 +463,7 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
                 t0 = time.perf_counter()
                 estimates[method] = attribute(model, task, granularities=granularities,
                                               direction=direction, metric=metric, method=method,
-                                              steps=steps)
+                                              steps=steps, mesh=mesh)
                 timings[f"{method}_s"] = round(time.perf_counter() - t0, 3)
                 raise_if_interrupted()
             primary = next(iter(estimates.values()), None)
@@ -475,23 +480,24 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
                         (layer, n) for layer in range(cfg.n_layers) for n in range(cfg.d_mlp)]
                 exact = _patch_or_interrupt(patch, model, task, granularities=granularities,
                                             direction=direction, metric=metric, progress=not quiet,
-                                            **kwargs)
+                                            mesh=mesh, **kwargs)
                 timings["exact_s"] = round(time.perf_counter() - t0, 3)
             if primary is not None and verify_until is not None:
                 t0 = time.perf_counter()
                 exact, until = verify_sequentially(model, task, primary, verify_until,
                                                     granularities=granularities, metric=metric,
-                                                    max_verified=verify_budget, seed=seed)
+                                                    max_verified=verify_budget, seed=seed,
+                                                    mesh=mesh)
                 timings["verify_s"] = round(time.perf_counter() - t0, 3)
             elif primary is not None and (verify_top or verify_random):
                 t0 = time.perf_counter()
                 if exact is not None and verify_top is None:
                     # exact covers some components only (neurons): sample the uncovered ones
                     budget = verify_random_rest(model, task, primary, exact, verify_random, seed,
-                                                thresholds)
+                                                thresholds, mesh=mesh)
                 elif exact is None:
                     exact, budget = verify_budgeted(model, task, primary, verify_top or 0,
-                                                    verify_random or 0, seed, thresholds)
+                                                    verify_random or 0, seed, thresholds, mesh=mesh)
                 else:
                     for g in granularities:
                         top, rand = budget_sample(primary.ranking(g), verify_top or 0,
@@ -502,13 +508,14 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
             tokens = token_strings(model_dir, task)
             if estimates and exact is not None:
                 t0 = time.perf_counter()
-                diagnostics = diagnose(model, task, granularities, direction, metric, thresholds)
+                diagnostics = diagnose(model, task, granularities, direction, metric, thresholds,
+                                       mesh=mesh)
                 timings["diagnose_s"] = round(time.perf_counter() - t0, 3)
                 raise_if_interrupted()
                 validations = {m: validate(r, exact, diagnostics, thresholds, tokens,
                                            estimators=estimates) for m, r in estimates.items()}
             run = dict(run, timings=timings, versions=_versions(),
-                       thresholds=dataclasses.asdict(thresholds))
+                       thresholds=dataclasses.asdict(thresholds), mesh=mesh_record(mesh))
         except ValueError as e:  # bad input the library found (non-finite metrics, ...)
             raise CLIError(str(e)) from e
         summary = write_outputs(staging, estimates, exact, validations, diagnostics, budget, run,
@@ -621,9 +628,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_scan(args) -> int:
-    from attrpatch.data import DataError, load_task
+def _mesh_from_args(args):
+    """Join the multi-process run the flags describe (or the JAX environment variables do), then
+    build the ``--mesh`` (None: one device)."""
+    from attrpatch.sharding import initialize_distributed, make_mesh, parse_mesh
 
+    try:
+        data, model = parse_mesh(args.mesh) if args.mesh else (1, 1)
+        if args.coordinator or args.num_processes is not None or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        if not args.mesh:
+            return None
+        return make_mesh(data, model)
+    except (ValueError, RuntimeError) as e:
+        raise CLIError(str(e)) from e
+
+
+def cmd_scan(args) -> int:
+    import jax
+
+    from attrpatch.data import DataError, load_task
+    from attrpatch.sharding import is_writer
+
+    mesh = _mesh_from_args(args)  # first: a multi-process run starts before any other JAX call
     methods = parse_methods(args.methods)
     if (args.verify_top or args.verify_random) and not set(methods) & set(ESTIMATORS):
         raise CLIError(f"--verify-top/--verify-random need an estimator in --methods "
@@ -644,7 +671,8 @@ def cmd_scan(args) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 0")
     thresholds = parse_thresholds(args.threshold)
-    check_out(args.out)
+    if is_writer():  # only process 0 writes --out
+        check_out(args.out)
     model = _load_model(args.model)
     if args.sites is None:  # the defaults, less MLP sites on an attention-only model
         grans = list(available_granularities(
@@ -667,8 +695,11 @@ def cmd_scan(args) -> int:
     summary = run_pipeline(model, args.model, task, grans, methods, args.direction, args.metric,
                            out, run, thresholds, args.verify_top, args.verify_random, args.seed,
                            quiet=args.quiet, steps=args.steps, verify_until=args.verify_until,
-                           verify_budget=args.verify_budget)
-    print_summary(summary, out)
+                           verify_budget=args.verify_budget, mesh=mesh)
+    if is_writer():
+        print_summary(summary, out)
+    else:
+        print(f"attrpatch: process {jax.process_index()} done; process 0 wrote {out}")
     return 0
 
 
@@ -760,6 +791,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--threshold", action="append", metavar="NAME=VALUE", help=thr_help)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--mesh", default=None, metavar="data=D,model=M",
+                   help="run on a device mesh: D-way over prompts and patched runs, M-way over "
+                        "heads and MLP width (default: one device)")
+    s.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-process run: process 0's address (every process runs the same "
+                        "command; only process 0 writes --out)")
+    s.add_argument("--num-processes", type=int, default=None, metavar="N")
+    s.add_argument("--process-id", type=int, default=None, metavar="I")
     s.set_defaults(func=cmd_scan)
 
     v = sub.add_parser(

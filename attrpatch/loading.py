@@ -199,11 +199,16 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, *, allow_download: bo
     return Model(config, params)
 
 
-def save_model(model: Model, path: str | os.PathLike, extra_files: dict[str, str] | None = None):
+def save_model(model: Model, path: str | os.PathLike, extra_files: dict[str, str] | None = None,
+               *, dtype=None, max_shard_bytes: int | None = None):
     """Write `model` as a checkpoint directory `load_model` (and `transformers`) reads.
 
     The directory is assembled next to `path` and moved into place, so a failure leaves no
-    half-written checkpoint. `extra_files` maps file names to text (a model card, say).
+    half-written checkpoint. `extra_files` maps file names to text (a model card, say);
+    `dtype` stores the tensors in another dtype (``jnp.bfloat16`` halves the files);
+    `max_shard_bytes` splits them into ``model-0000i-of-0000n.safetensors`` files of at most
+    that size (a tensor larger than it gets a file of its own) with the
+    ``model.safetensors.index.json`` that maps tensors to files, as `save_pretrained` does.
     """
     convert = CONVERTERS[model.config.architecture]
     staging = staging_dir(path)
@@ -211,8 +216,27 @@ def save_model(model: Model, path: str | os.PathLike, extra_files: dict[str, str
         config = convert.config_to_hf(model.config)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tensors = convert.params_to_hf(model.params, model.config)
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                  str(staging / "model.safetensors"), metadata={"format": "pt"})
+        store = np.dtype(dtype) if dtype is not None else None
+        tensors = {k: np.ascontiguousarray(v if store is None else v.astype(store))
+                   for k, v in tensors.items()}
+        shards, size = [{}], 0
+        for name, array in tensors.items():
+            if max_shard_bytes is not None and shards[-1] and size + array.nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = array
+            size += array.nbytes
+        if len(shards) == 1:
+            save_file(shards[0], str(staging / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(staging / file), metadata={"format": "pt"})
+                weight_map |= dict.fromkeys(shard, file)
+            index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
+                     "weight_map": weight_map}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
     except BaseException:

@@ -53,6 +53,7 @@ from attrpatch.results import (
     check_granularities,
     grid_shape,
 )
+from attrpatch.sharding import check_mesh, replicate, shard_leading, shard_model, to_host
 from attrpatch.sites import site_axes
 from attrpatch.task import METRICS, MetricReference, Task, check_reference, resolve_metric
 
@@ -148,10 +149,11 @@ class _PackedRows(NamedTuple):
 
 
 def _chunks(idx: np.ndarray, cpos: np.ndarray, inert: np.ndarray, first_diff: np.ndarray,
-            answers: np.ndarray, n_pos: int, max_variants: int
+            answers: np.ndarray, n_pos: int, max_variants: int, n_devices: int = 1
             ) -> list[tuple[np.ndarray, _PackedRows]]:
     """Split one layer's non-inert variants into chunks of at most `max_variants`, balanced in
     rows (so every chunk of the layer has the same padded shape): (which components, rows) each.
+    With `n_devices` > 1 the chunk count is a multiple of it where there are enough variants.
 
     `idx` ``[C, 4]``, `cpos` ``[C]``, `inert` ``[C, batch]``; `first_diff`, `answers` ``[batch]``.
     """
@@ -162,6 +164,7 @@ def _chunks(idx: np.ndarray, cpos: np.ndarray, inert: np.ndarray, first_diff: np
     if len(active) == 0:
         return []
     n_chunks = -(-len(active) // max_variants)
+    n_chunks = min(-(-n_chunks // n_devices) * n_devices, len(active))
     order = active[np.argsort(-n_rows[active].sum(1), kind="stable")]
     groups: list[list[int]] = [[] for _ in range(n_chunks)]
     for i, c in enumerate(order):  # snake order: each chunk gets long and short runs alike
@@ -510,6 +513,7 @@ def patch(
     corrupt_interventions: Interventions | None = None,
     layers: Sequence[int] | None = None,
     components: Mapping[str, Sequence[Sequence[int]]] | None = None,
+    mesh=None,
 ) -> PatchResults:
     """Exact activation patching of every component of each granularity.
 
@@ -537,6 +541,9 @@ def patch(
     - `components`: granularity -> grid indices ``(layer, ...)`` (as in the result's axes): patch
       only these components of those granularities (others NaN), e.g. to verify a few AtP scores.
       Neuron granularities listed here need no `neurons`.
+    - `mesh`: a ``(data, model)`` `jax.sharding.Mesh` (:func:`attrpatch.make_mesh`) or None for
+      one device. Each device of ``data`` runs its share of each layer's chunks of patched runs
+      (at most `batch_size` variants each); parameters are split over ``model``.
 
     Ctrl-C returns what has been computed (NaN elsewhere) with a warning.
 
@@ -545,6 +552,7 @@ def patch(
     t_start = time.perf_counter()
     cfg = model.config
     task.check_for(model)
+    mesh = check_mesh(mesh)
     grans = check_granularities(granularities, cfg)
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
@@ -580,6 +588,8 @@ def patch(
         raise ValueError(f"layers {layer_list} outside the model's 0..{cfg.n_layers - 1}")
     layer_neurons = {i: v for i, v in layer_neurons.items() if i in layer_list}
     metric_name, metric_fn = resolve_metric(metric, task)
+    model, task = shard_model(model, mesh), replicate(task, mesh)
+    n_data = 1 if mesh is None else mesh.shape["data"]
 
     # Unpatched runs: clean, corrupted, and the caches the engine needs.
     keys = sorted({GRANULARITIES[g][0] for g in grans})
@@ -595,8 +605,8 @@ def patch(
         first_diff = task.first_diff_positions
     reference = MetricReference(clean_logits, corrupt_logits)
     check_reference(metric_name, task, reference)
-    clean_pp = np.asarray(metric_fn(clean_logits, task, reference))
-    corrupt_pp = np.asarray(metric_fn(corrupt_logits, task, reference))
+    clean_pp = to_host(metric_fn(clean_logits, task, reference))
+    corrupt_pp = to_host(metric_fn(corrupt_logits, task, reference))
     if direction == "denoise":
         base_cache, src_cache, base_pp, source_pp = corrupt_cache, clean_cache, corrupt_pp, clean_pp
     else:
@@ -624,7 +634,7 @@ def patch(
         if g in wanted:
             g_layers = [i for i in g_layers if i in wanted[g]]
         key = GRANULARITIES[g][0]
-        base_np, src_np = np.asarray(base_cache[key]), np.asarray(src_cache[key])
+        base_np, src_np = to_host((base_cache[key], src_cache[key]))
         for layer in g_layers:
             if g in wanted:  # only the listed components (their neurons, for neuron grids)
                 grids, idx, cpos = _components(g, n_pos, cfg,
@@ -642,7 +652,7 @@ def patch(
             inert |= _unchanged(g, base_np[layer], src_np[layer], grids)
             if _row_local(g) and layer == L - 1:  # only the answer row reaches the logits
                 inert |= cpos[:, None] != ans_np[None]
-            chunks = _chunks(idx, cpos, inert, first_diff, ans_np, n_pos, batch_size)
+            chunks = _chunks(idx, cpos, inert, first_diff, ans_np, n_pos, batch_size, n_data)
             work = float(sum(len(v) for v, _ in chunks) * (L - layer))  # progress units
             plan.append((g, layer, grids, inert, chunks, work))
             total += work
@@ -676,7 +686,7 @@ def patch(
             layer_pp = np.zeros((len(grids), task.batch))
             if chunks:
                 variants, metric_vals = _run_layer(model, task, reference, metric_fn, g, layer, chunks,
-                                                   base_cache, src_cache, keep_full, cols)
+                                                   base_cache, src_cache, keep_full, cols, mesh)
                 layer_pp[variants] = metric_vals - base_pp[None]
             bar.update(work, f"{g} L{layer}")
             layer_pp[inert] = 0.0
@@ -735,16 +745,35 @@ def _ablation_sources(clean_cache: dict, keys, source: str, seed: int, attention
 
 
 def _run_layer(model, task, reference, metric_fn, gran, layer, chunks, base_cache, src_cache,
-               keep, cols=None) -> tuple[np.ndarray, np.ndarray]:
+               keep, cols=None, mesh=None) -> tuple[np.ndarray, np.ndarray]:
     """Run one layer's chunks of `gran` (all dispatched before any is read): the components run
-    ``[n]`` and their metric ``[n, batch]``."""
+    ``[n]`` and their metric ``[n, batch]``. On a mesh, the chunks go in stacks of the ``data``
+    axis's size (the last padded with repeats), each device running its share of a stack."""
     key = GRANULARITIES[gran][0]
-    base = {k: base_cache[k] for k in _engine_keys(model.config)}
-    pending = [
-        _chunk_metrics(model.params, jnp.int32(layer), base, src_cache[key][layer], keep,
-                       jax.tree.map(jnp.asarray, rows), task, reference, cols, cfg=model.config,
-                       gran=gran, metric_fn=metric_fn, row_local=_row_local(gran))
-        for _, rows in chunks
-    ]
-    metric_vals = [np.asarray(m)[: len(v)] for m, (v, _) in zip(pending, chunks, strict=True)]
+    args = (model.params, jnp.int32(layer), {k: base_cache[k] for k in _engine_keys(model.config)},
+            src_cache[key][layer], keep)
+    static = dict(cfg=model.config, gran=gran, metric_fn=metric_fn, row_local=_row_local(gran))
+    rows = [r for _, r in chunks]
+    if mesh is None:
+        pending = [_chunk_metrics(*args, jax.tree.map(jnp.asarray, r), task, reference, cols, **static)
+                   for r in rows]
+    else:
+        n_data = mesh.shape["data"]
+        rows += rows[-1:] * (-len(rows) % n_data)
+        stacks = [shard_leading(jax.tree.map(lambda *a: np.stack(a), *rows[i: i + n_data]), mesh)
+                  for i in range(0, len(rows), n_data)]
+        pending = [_stacked_chunk_metrics(*args, s, task, reference, cols, **static) for s in stacks]
+        pending = [m for stack in pending for m in to_host(stack)]
+    metric_vals = [to_host(m)[: len(v)] for m, (v, _) in zip(pending, chunks, strict=False)]
     return np.concatenate([v for v, _ in chunks]), np.concatenate(metric_vals)
+
+
+@partial(jax.jit, static_argnames=("cfg", "gran", "metric_fn", "row_local"))
+def _stacked_chunk_metrics(params, layer, base, source, keep, stack, task, reference, cols=None, *,
+                           cfg, gran, metric_fn, row_local):
+    """:func:`_chunk_metrics` over a stack of chunks (a leading axis on every array of `stack`,
+    split over the mesh's ``data`` axis): ``[stack, V, batch]``."""
+    def one(chunk):
+        return _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, cols,
+                              cfg=cfg, gran=gran, metric_fn=metric_fn, row_local=row_local)
+    return jax.vmap(one)(stack)

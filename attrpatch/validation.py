@@ -29,6 +29,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,7 @@ from attrpatch.results import (
     check_granularities,
     reduce_to_grid,
 )
+from attrpatch.sharding import shard_leading, shard_model, to_host
 from attrpatch.sites import site_axes
 from attrpatch.task import METRICS, MetricReference, resolve_metric
 
@@ -408,14 +410,15 @@ def _metric_saturation(metric: str, direction: str, p_base, p_source, t: Thresho
 
 def diagnose(model, task, granularities: Sequence[str], direction: str = "denoise",
              metric=None, thresholds: Thresholds = Thresholds(), midpoint: bool = True,
-             ) -> Diagnostics:
+             mesh=None) -> Diagnostics:
     """Signals that explain AtP failures: two forwards and two backwards, plus (with `midpoint`)
     one backward per (site, layer) with that layer's whole site moved halfway to the source.
 
     **Arguments:** as :func:`attrpatch.attribute` (`model`, `task`, `granularities`,
     `direction`, `metric`); `thresholds` for the metric-saturation test and the nonlinearity
     floor; `midpoint=False` skips the midpoint gradients (`estimate_mid` is then the mean of the
-    base and source estimates).
+    base and source estimates); `mesh`: as :func:`attrpatch.attribute` (parameters split over
+    ``model``; the prompts over ``data`` where it divides their number, else whole on each device).
 
     **Returns:** :class:`Diagnostics`.
     """
@@ -424,11 +427,12 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
     granularities = check_granularities(granularities, model.config)
     task.check_for(model)
     metric_name, metric_fn = resolve_metric(metric, task)
+    model, task = shard_model(model, mesh), shard_leading(task, mesh)
     keys = tuple(sorted({GRANULARITIES[g][0] for g in granularities} | {"attn.hook_pattern"}))
     mask, positions = task.attention_mask, task.answer_positions
     base_tokens, source_tokens = task.runs(direction)
     real = (np.ones(task.clean_tokens.shape) if mask is None
-            else np.asarray(mask, np.float64))  # [batch, pos]
+            else np.asarray(to_host(mask), np.float64))  # [batch, pos]
 
     clean_logits, clean_cache = model.run(task.clean_tokens, mask, cache_keys=keys,
                                           logit_positions=positions)
@@ -445,16 +449,17 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
     # Deltas (hence gradients) in at least float32, float64 for a float64 model (as AtP).
     dtypes = {k: jnp.promote_types(base_cache[k].dtype, jnp.float32) for k in grad_keys}
 
-    def metric_of(deltas, tokens):
-        logits, _ = model.run(tokens, mask, Interventions(delta=deltas), logit_positions=positions)
+    def metric_of(deltas, tokens, model, task, reference):  # arrays as arguments (multi-host)
+        logits, _ = model.run(tokens, task.attention_mask, Interventions(delta=deltas),
+                              logit_positions=task.answer_positions)
         return metric_fn(logits, task, reference).mean()
 
     zeros = {k: jnp.zeros(base_cache[k].shape, dtypes[k]) for k in grad_keys}
-    grad_fn = jax.jit(jax.grad(metric_of))
-    g_base = jax.device_get(grad_fn(zeros, base_tokens))
-    g_source = jax.device_get(grad_fn(zeros, source_tokens))
-    base_np = {k: np.asarray(v, np.float64) for k, v in jax.device_get(base_cache).items()}
-    source_np = {k: np.asarray(v, np.float64) for k, v in jax.device_get(source_cache).items()}
+    grad_fn = partial(jax.jit(jax.grad(metric_of)), model=model, task=task, reference=reference)
+    g_base = to_host(grad_fn(zeros, base_tokens))
+    g_source = to_host(grad_fn(zeros, source_tokens))
+    base_np = {k: np.asarray(v, np.float64) for k, v in to_host(base_cache).items()}
+    source_np = {k: np.asarray(v, np.float64) for k, v in to_host(source_cache).items()}
     # Midpoint gradients: the base run with one layer's whole site moved halfway to the source.
     # (Same pytree structure as `zeros`, so `grad_fn` compiles once for all of them.)
     g_mid = {}
@@ -464,14 +469,14 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
         for layer in range(half.shape[0]):
             raise_if_interrupted()
             deltas = dict(zeros, **{k: zeros[k].at[layer].set(half[layer])})
-            layers.append(np.asarray(grad_fn(deltas, base_tokens)[k][layer], np.float64))
+            layers.append(np.asarray(to_host(grad_fn(deltas, base_tokens)[k][layer]), np.float64))
         g_mid[k] = np.stack(layers)
-    base_metric = float(metric_fn(base_logits, task, reference).mean())
-    gap = float(metric_fn(source_logits, task, reference).mean()) - base_metric
+    base_metric = float(to_host(metric_fn(base_logits, task, reference)).mean())
+    gap = float(to_host(metric_fn(source_logits, task, reference)).mean()) - base_metric
 
     big, sat, est_b, est_m, est_s, nonlin = {}, {}, {}, {}, {}, {}
     pattern = base_np["attn.hook_pattern"]  # [layer, batch, head, query, key]
-    batch_idx, pos = np.arange(task.batch), np.asarray(positions)
+    batch_idx, pos = np.arange(task.batch), to_host(positions)
     answer_row = pattern[:, batch_idx, :, pos, :]  # [batch, layer, head, key]
     answer_row_max = answer_row.max(-1)  # [batch, layer, head]
     cfg = model.config
@@ -503,7 +508,7 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
             num_ = np.einsum("blh,bp->lph", kv_answer_row_max, sees)
             sat[g] = num_ / np.maximum(sees.sum(0), 1)[None, :, None]  # [layer, pos, kv_head]
 
-    p_clean, p_corrupt = (np.asarray(METRICS["prob"](lg, task, reference))
+    p_clean, p_corrupt = (to_host(METRICS["prob"](lg, task, reference))
                           for lg in (clean_logits, corrupt_logits))
     p_base, p_source = (p_corrupt, p_clean) if direction == "denoise" else (p_clean, p_corrupt)
     share, reason = _metric_saturation(metric_name, direction, p_base, p_source, thresholds)
@@ -943,19 +948,20 @@ def validate(estimate: PatchResults, exact: PatchResults, diagnostics: Diagnosti
 
 
 def exact_components(model, task, granularity: str, indices: Sequence[Sequence[int]],
-                     direction: str = "denoise", metric=None) -> tuple[np.ndarray, float, float]:
+                     direction: str = "denoise", metric=None, mesh=None,
+                     ) -> tuple[np.ndarray, float, float]:
     """Exact effects of patching the listed components of one granularity
     (:func:`attrpatch.patch` with ``components=``).
 
-    **Arguments:** `indices`: ``[n, len(axes)]`` component indices; the rest as
-    :func:`attrpatch.attribute`.
+    **Arguments:** `indices`: ``[n, len(axes)]`` component indices; the rest (`mesh` too) as
+    :func:`attrpatch.patch`.
 
     **Returns:** ``(effects [n], base_metric, source_metric)`` (batch means, metric units).
     Ctrl-C raises `KeyboardInterrupt` (no partial effects).
     """
     indices = [tuple(int(i) for i in index) for index in indices]
     res = patch(model, task, (granularity,), direction, metric, progress=False,
-                components={granularity: indices})
+                components={granularity: indices}, mesh=mesh)
     if not res.complete:  # Ctrl-C: partial effects must not pass for verified ones
         raise KeyboardInterrupt
     effects = np.asarray([res[granularity][index] for index in indices], float)
@@ -1026,13 +1032,14 @@ def budget_report(granularity: str, atp_values: np.ndarray, exact_values: np.nda
 
 def verify_budgeted(model, task, atp: PatchResults, top_k: int = 10, n_random: int = 10,
                     seed: int = 0, thresholds: Thresholds = Thresholds(),
-                    granularities: Sequence[str] | None = None, metric=None,
+                    granularities: Sequence[str] | None = None, metric=None, mesh=None,
                     ) -> tuple[PatchResults, dict[str, BudgetReport]]:
     """Exact patching of an estimator's top `top_k` components (by `atp.ranking`: for AtP*, the
     larger of |estimate| and GradDrop) plus `n_random` random others.
 
     `metric`: the metric function when `atp` used a custom callable (its results hold only the
-    name); None uses ``atp.metric`` (a name from :data:`attrpatch.METRICS`).
+    name); None uses ``atp.metric`` (a name from :data:`attrpatch.METRICS`). `mesh`: as
+    :func:`attrpatch.patch`.
 
     **Returns:** ``(exact, reports)``: a ``method="exact"`` :class:`attrpatch.PatchResults`,
     NaN except at the verified components, and a :class:`BudgetReport` per granularity. A large
@@ -1046,7 +1053,7 @@ def verify_budgeted(model, task, atp: PatchResults, top_k: int = 10, n_random: i
         top, rand = budget_sample(atp.ranking(g), top_k, n_random, seed)
         idx = np.concatenate([top, rand]) if len(rand) else top
         eff, base, source = exact_components(model, task, g, idx, atp.direction,
-                                             atp.metric if metric is None else metric)
+                                             atp.metric if metric is None else metric, mesh)
         values = np.full(a.shape, np.nan)
         for i, v in zip(idx, eff, strict=True):
             values[tuple(i)] = v
@@ -1059,12 +1066,13 @@ def verify_budgeted(model, task, atp: PatchResults, top_k: int = 10, n_random: i
 
 def verify_random_rest(model, task, atp: PatchResults, exact: PatchResults, n_random: int = 32,
                        seed: int = 0, thresholds: Thresholds = Thresholds(), metric=None,
-                       ) -> dict[str, BudgetReport]:
+                       mesh=None) -> dict[str, BudgetReport]:
     """For granularities where `exact` covers only some components (e.g. neurons verified for
     AtP's top ones), exact-patch `n_random` random uncovered ones too and estimate what the
     uncovered rest hides. Fills those entries of `exact` in place.
 
-    `metric`: the metric function when a custom callable was used (None: ``exact.metric``).
+    `metric`: the metric function when a custom callable was used (None: ``exact.metric``);
+    `mesh`: as :func:`attrpatch.patch`.
 
     **Returns:** a :class:`BudgetReport` per granularity that had uncovered components (its
     `top` = the components `exact` already covered).
@@ -1083,7 +1091,7 @@ def verify_random_rest(model, task, atp: PatchResults, exact: PatchResults, n_ra
         pick = np.sort(rng.choice(missing, size=min(n_random, len(missing)), replace=False))
         rand = np.stack(np.unravel_index(pick, values.shape), -1)
         eff, _, _ = exact_components(model, task, g, rand, exact.direction,
-                                     exact.metric if metric is None else metric)
+                                     exact.metric if metric is None else metric, mesh)
         for i, v in zip(rand, eff, strict=True):
             values[tuple(i)] = v
         exact.scores[g] = Scores(g, values, exact.scores[g].per_prompt)
@@ -1385,7 +1393,7 @@ class UntilReport:
 def verify_until(model, task, estimate: PatchResults, threshold: float = 0.05,
                  confidence: float = 0.95, granularities: Sequence[str] | None = None,
                  metric=None, batch: int = 16, max_verified: int | None = None, seed: int = 0,
-                 n_random: int | None = None, max_exceptions: int | None = None,
+                 n_random: int | None = None, max_exceptions: int | None = None, mesh=None,
                  ) -> tuple[PatchResults, dict[str, UntilReport]]:
     """Exact-patch components in the estimator's order until the unverified ones are bounded.
 
@@ -1400,7 +1408,8 @@ def verify_until(model, task, estimate: PatchResults, threshold: float = 0.05,
     assumption); `max_exceptions=0` buys k = 0 (every component) by sampling nearly all of them.
     See :func:`sequential_verification` for the statistics.
 
-    `metric`: the metric function when `estimate` used a custom callable (None: its name).
+    `metric`: the metric function when `estimate` used a custom callable (None: its name);
+    `mesh`: as :func:`attrpatch.patch`.
 
     **Returns:** ``(exact, reports)``: ``method="exact"`` :class:`attrpatch.PatchResults`, NaN
     where unverified, and an :class:`UntilReport` per granularity, whose `sentence` states the
@@ -1418,7 +1427,7 @@ def verify_until(model, task, estimate: PatchResults, threshold: float = 0.05,
 
         def effects_of(flat, g=g, shape=shape, runs=runs):
             idx = np.stack(np.unravel_index(np.asarray(flat, int), shape), -1)
-            eff, b, s = exact_components(model, task, g, idx, estimate.direction, metric)
+            eff, b, s = exact_components(model, task, g, idx, estimate.direction, metric, mesh)
             runs.append((b, s))
             return eff
 

@@ -9,7 +9,12 @@ from __future__ import annotations
 import gc
 import os
 
-import jax
+# Eight simulated CPU devices for the mesh tests (tests/test_sharding.py); everything else runs
+# on the first, as it would without them. Must be set before JAX starts.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+
+import jax  # noqa: E402
 import pytest
 
 jax.config.update("jax_enable_x64", False)
