@@ -295,3 +295,21 @@ def test_two_processes_run_one_scan(tmp_path):
                                                 "exact/resid_pre"}
         for k in a.files:
             np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+
+
+def test_save_model_writes_sharded_bfloat16(tmp_path):
+    """`save_model(dtype=bfloat16, max_shard_bytes=...)`: several files and an index that
+    `load_model` (and transformers) read; the weights are the bfloat16-rounded ones."""
+    from attrpatch import load_model, save_model
+
+    model = _model(LLAMA_GQA, jnp.float32)
+    save_model(model, tmp_path / "ckpt", dtype=jnp.bfloat16, max_shard_bytes=20_000)
+    files = sorted(p.name for p in (tmp_path / "ckpt").glob("model-*.safetensors"))
+    assert len(files) > 1 and files[-1].endswith(f"of-{len(files):05d}.safetensors")
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(files)
+    loaded = load_model(tmp_path / "ckpt")
+    rounded = jax.tree.map(lambda x: np.asarray(x.astype(jnp.bfloat16), np.float32), model.params)
+    for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(rounded)[0],
+                                 jax.tree.leaves(loaded.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=str(path))
