@@ -68,6 +68,7 @@ from attrpatch.sharding import (
     check_mesh,
     constrain,
     leading_sharding,
+    out_of_memory_advice,
     replicate,
     shard_leading,
     shard_model,
@@ -388,7 +389,8 @@ def attribute(
     ``cost_forwards`` the nominal cost (:func:`estimator_cost`).
 
     Raises `ValueError` for an unknown granularity, direction, method or metric, a bad `steps`
-    or `batch_size`, a mesh without ``data``/``model`` axes, or a task the model cannot run.
+    or `batch_size`, a mesh without ``data``/``model`` axes, or a task the model cannot run;
+    `MemoryError`, saying what to lower, where the device runs out of memory.
     """
     _check_options(direction, method, steps, batch_size)
     mesh = check_mesh(mesh)
@@ -412,13 +414,17 @@ def attribute(
         reference = _reference_logits(model, task)
     first_diff = jnp.asarray(task.first_diff_positions)
     parts = []
-    for i in range(n_micro):
-        raise_if_interrupted()
-        rows = shard_leading(np.arange(i * micro, (i + 1) * micro, dtype=np.int32), mesh)
-        parts.append(_estimate(model, task, rows, reference, first_diff, keys, granularities,
-                               direction, metric_fn, bool(per_prompt), bool(remat), method,
-                               int(steps), leading_sharding(mesh)))
-    parts = to_host(parts)
+    advice = (f"{micro} prompts per micro-batch. Lower batch_size=, pass remat=True, or split the "
+              "parameters over more devices (mesh=attrpatch.make_mesh(model=M)); "
+              "attrpatch.attribution.attribute_memory says what a setting needs per device")
+    with out_of_memory_advice(advice):
+        for i in range(n_micro):
+            raise_if_interrupted()
+            rows = shard_leading(np.arange(i * micro, (i + 1) * micro, dtype=np.int32), mesh)
+            parts.append(_estimate(model, task, rows, reference, first_diff, keys, granularities,
+                                   direction, metric_fn, bool(per_prompt), bool(remat), method,
+                                   int(steps), leading_sharding(mesh)))
+        parts = to_host(parts)
     seconds = time.perf_counter() - start
     check_reference(metric_name, task, to_host(parts[0]["reference"]))
 

@@ -516,7 +516,7 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
                                            estimators=estimates) for m, r in estimates.items()}
             run = dict(run, timings=timings, versions=_versions(),
                        thresholds=dataclasses.asdict(thresholds), mesh=mesh_record(mesh))
-        except ValueError as e:  # bad input the library found (non-finite metrics, ...)
+        except (ValueError, MemoryError) as e:  # bad input the library found, a run too big
             raise CLIError(str(e)) from e
         summary = write_outputs(staging, estimates, exact, validations, diagnostics, budget, run,
                                 tokens, until)

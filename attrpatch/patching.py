@@ -53,7 +53,14 @@ from attrpatch.results import (
     check_granularities,
     grid_shape,
 )
-from attrpatch.sharding import check_mesh, replicate, shard_leading, shard_model, to_host
+from attrpatch.sharding import (
+    check_mesh,
+    out_of_memory_advice,
+    replicate,
+    shard_leading,
+    shard_model,
+    to_host,
+)
 from attrpatch.sites import site_axes
 from attrpatch.task import METRICS, MetricReference, Task, check_reference, resolve_metric
 
@@ -545,7 +552,8 @@ def patch(
       one device. Each device of ``data`` runs its share of each layer's chunks of patched runs
       (at most `batch_size` variants each); parameters are split over ``model``.
 
-    Ctrl-C returns what has been computed (NaN elsewhere) with a warning.
+    Ctrl-C returns what has been computed (NaN elsewhere) with a warning. A device out of
+    memory raises `MemoryError` saying what to lower.
 
     **Returns:** :class:`attrpatch.results.PatchResults` with ``method="exact"``.
     """
@@ -685,8 +693,12 @@ def patch(
                 continue
             layer_pp = np.zeros((len(grids), task.batch))
             if chunks:
-                variants, metric_vals = _run_layer(model, task, reference, metric_fn, g, layer, chunks,
-                                                   base_cache, src_cache, keep_full, cols, mesh)
+                with out_of_memory_advice(f"batch_size={batch_size} variants at once; lower it, "
+                                          "or split the parameters over more devices "
+                                          "(mesh=attrpatch.make_mesh(model=M))"):
+                    variants, metric_vals = _run_layer(model, task, reference, metric_fn, g, layer,
+                                                       chunks, base_cache, src_cache, keep_full,
+                                                       cols, mesh)
                 layer_pp[variants] = metric_vals - base_pp[None]
             bar.update(work, f"{g} L{layer}")
             layer_pp[inert] = 0.0

@@ -19,6 +19,8 @@ process whole (:func:`to_host`).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import jax
 import numpy as np
@@ -127,11 +129,20 @@ def replicated_params(params: dict, mesh: Mesh) -> list[str]:
 
 def shard_model(model, mesh: Mesh | None):
     """`model` with its parameters placed on `mesh` by the sharding rules (None: unchanged).
-    Cheap when they already are: call it once for a big model, and pass the result around."""
+    Cheap when they already are: call it once for a big model, and pass the result around.
+
+    Abstract parameters (`jax.ShapeDtypeStruct` leaves, from `jax.eval_shape`) get the
+    shardings attached instead: enough to compile and measure a model too big to hold
+    (:func:`attrpatch.attribution.attribute_memory`)."""
     mesh = check_mesh(mesh)
     if mesh is None:
         return model
-    params = jax.device_put(model.params, param_shardings(model.params, mesh))
+    shardings = param_shardings(model.params, mesh)
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(model.params)):
+        params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              model.params, shardings)
+    else:
+        params = jax.device_put(model.params, shardings)
     return type(model)(model.config, params)
 
 
@@ -207,6 +218,18 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         raise ValueError(f"process id {process_id} is outside 0..{num_processes - 1}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+@contextmanager
+def out_of_memory_advice(advice: str) -> Iterator[None]:
+    """Re-raise a device's out-of-memory error (XLA's ``RESOURCE_EXHAUSTED``) as a `MemoryError`
+    that says what to lower. (On CPU the operating system stops the process instead.)"""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+            raise
+        raise MemoryError(f"the device ran out of memory: {advice}") from e
 
 
 def is_writer() -> bool:

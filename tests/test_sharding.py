@@ -313,3 +313,18 @@ def test_save_model_writes_sharded_bfloat16(tmp_path):
     for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(rounded)[0],
                                  jax.tree.leaves(loaded.params), strict=True):
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=str(path))
+
+
+def test_out_of_memory_says_what_to_lower(monkeypatch):
+    """A device out-of-memory error (XLA's RESOURCE_EXHAUSTED; CPUs never raise one) becomes a
+    MemoryError naming the settings to lower."""
+    import attrpatch.attribution as attribution
+
+    def exhausted(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 8 GiB")
+
+    monkeypatch.setattr(attribution, "_estimate", exhausted)
+    model, task = _model(GPT2, jnp.float32), _task(GPT2, 4)
+    with pytest.raises(MemoryError, match="ran out of memory: 2 prompts per micro-batch. Lower "
+                                          "batch_size=, pass remat=True"):
+        attribute(model, task, ("z",), batch_size=2)

@@ -226,8 +226,11 @@ def to_params(tree: dict, dtype) -> dict:
 
 
 def to_numpy(params: dict) -> dict:
-    """Params as float32 numpy arrays (for writing)."""
-    return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    """Params as numpy arrays for writing: float32, but bfloat16 and float16 stay as they are
+    (no float32 copy of a big half-precision model)."""
+    half = (jnp.bfloat16, jnp.float16)
+    return jax.tree.map(lambda x: np.asarray(x) if x.dtype in half else np.asarray(x, np.float32),
+                        params)
 
 
 def heads_in(w: np.ndarray, n_heads: int) -> np.ndarray:
