@@ -635,7 +635,10 @@ def _mesh_from_args(args):
 
     try:
         data, model = parse_mesh(args.mesh) if args.mesh else (1, 1)
-        if args.coordinator or args.num_processes is not None or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        if args.coordinator == "auto":  # a TPU pod or SLURM: JAX finds the rest itself
+            initialize_distributed()
+        elif (args.coordinator or args.num_processes is not None
+              or os.environ.get("JAX_COORDINATOR_ADDRESS")):
             initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         if not args.mesh:
             return None
@@ -795,8 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run on a device mesh: D-way over prompts and patched runs, M-way over "
                         "heads and MLP width (default: one device)")
     s.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="multi-process run: process 0's address (every process runs the same "
-                        "command; only process 0 writes --out)")
+                   help="multi-process run: process 0's address, or 'auto' on a TPU pod or under "
+                        "SLURM (every process runs the same command; only process 0 writes --out)")
     s.add_argument("--num-processes", type=int, default=None, metavar="N")
     s.add_argument("--process-id", type=int, default=None, metavar="I")
     s.set_defaults(func=cmd_scan)

@@ -328,3 +328,15 @@ def test_out_of_memory_says_what_to_lower(monkeypatch):
     with pytest.raises(MemoryError, match="ran out of memory: 2 prompts per micro-batch. Lower "
                                           "batch_size=, pass remat=True"):
         attribute(model, task, ("z",), batch_size=2)
+
+
+def test_cli_refuses_a_mesh_it_cannot_build(tmp_path, capsys):
+    """A bad --mesh is a clear error (exit 2) before anything runs, and nothing is written."""
+    from attrpatch.cli import main
+
+    for mesh, message in (("data=3,model=4", "needs 12 devices; 8 are visible"),
+                          ("data=2,layers=4", "expected data=D,model=M")):
+        rc = main(["scan", "--model", "nowhere", "--data", "none.npz", "--mesh", mesh,
+                   "--out", str(tmp_path / "o")])
+        assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
