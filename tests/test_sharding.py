@@ -115,17 +115,27 @@ def _assert_same(got, want, tol):
         np.testing.assert_allclose(got.graddrop[g], v, rtol=0, atol=tol, err_msg=f"graddrop {g}")
 
 
-# Each mesh shape once, each model on two (a new mesh compiles everything anew): the model axis
-# does not divide GPT-2's 4 heads and 61 tokens at 8, nor the GQA model's 2 kv heads at 4.
-@pytest.mark.parametrize("name, shape", [("gpt2", (8, 1)), ("gpt2", (1, 8)),
-                                         ("llama_gqa", (2, 4)), ("llama_gqa", (4, 2))],
+# By default each mesh shape once, each model on two (a new mesh compiles everything anew; the
+# model axis does not divide GPT-2's 4 heads and 61 tokens at 8, nor the GQA model's 2 kv heads
+# at 4), and exact patching of every granularity on one mesh (the test after this one).
+# ATTRPATCH_FULL_MATRIX=1: every model on every mesh, exact patching of every granularity in
+# both directions on each (about 20 minutes more).
+FULL_MATRIX = os.environ.get("ATTRPATCH_FULL_MATRIX") == "1"
+MESHES = [(8, 1), (2, 4), (1, 8), (4, 2)]
+COMBOS = ([(name, shape) for name in SETUPS for shape in MESHES] if FULL_MATRIX else
+          [("gpt2", (8, 1)), ("gpt2", (1, 8)), ("llama_gqa", (2, 4)), ("llama_gqa", (4, 2))])
+
+
+@pytest.mark.parametrize("name, shape", COMBOS,
                          ids=lambda x: x if isinstance(x, str) else f"{x[0]}x{x[1]}")
 def test_every_engine_equals_one_device(reference, name, shape):
     """AtP (every granularity, both directions, per prompt), AtP*, diagnose, exact patching (a
-    representative set of granularities) and validation: the same numbers on the mesh."""
+    representative set of granularities; all of them with the full matrix) and validation: the
+    same numbers on the mesh."""
     cfg, batch = SETUPS[name]
     model, task, mesh = _model(cfg), _task(cfg, batch), make_mesh(*shape)
-    for what in ("atp", "atp_star", "exact_some"):
+    exact_all = ("exact_all_denoise", "exact_all_noise") if FULL_MATRIX else ()
+    for what in ("atp", "atp_star", "exact_some", *exact_all):
         _assert_same(_run(what, model, task, mesh), reference(name, what), 1e-9)
     got, want = _run("diagnose", model, task, mesh), reference(name, "diagnose")
     for field in ("big_patch", "attn_saturation", "estimate_base", "estimate_mid",
