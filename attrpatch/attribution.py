@@ -197,11 +197,12 @@ def _estimate(model, task, rows, reference, first_diff, keys, granularities, dir
     ``[micro_batch, *axes]`` (if asked), per-layer GradDrop sums ``[layer, *axes]`` (``atp_star``),
     per-prompt base and source metrics ``[micro_batch]``, and the reference."""
     cfg = model.config
-    n_prompts = task.batch
-    valid = rows < n_prompts  # [micro_batch]
-    base_tokens, source_tokens = (constrain(t[rows], batch_sharding) for t in task.runs(direction))
-    mask = None if task.attention_mask is None else task.attention_mask[rows]
-    positions = task.answer_positions[rows]
+    valid = rows < task.batch  # [micro_batch]
+    prompts = jnp.minimum(rows, task.batch - 1)  # padding rows rerun the last prompt
+    base_tokens, source_tokens = (constrain(t[prompts], batch_sharding)
+                                  for t in task.runs(direction))
+    mask = None if task.attention_mask is None else task.attention_mask[prompts]
+    positions = task.answer_positions[prompts]
     qk = tuple(g for g in granularities if g in QK_GRANULARITIES) if method == "atp_star" else ()
     grad_keys = tuple(sorted(set(keys) | ({"attn.hook_pattern"} if qk else set())))
     extra = set(_qk_keys(cfg)) if qk else set()
@@ -232,11 +233,12 @@ def _estimate(model, task, rows, reference, first_diff, keys, granularities, dir
         def per_prompt_metric(logits):
             return metric_fn(logits, task, reference)
     else:
-        # These prompts' logits in place of theirs in a whole batch (padding rows dropped):
-        # metrics are per prompt given the fixed reference, so the gradient is this batch's.
+        # These prompts' logits in place of theirs in a whole batch: metrics are per prompt
+        # given the fixed reference, so the gradient is this batch's. Padding rows: 0, no gradient.
         def per_prompt_metric(logits):
-            whole = reference.clean_logits.at[rows].set(logits.astype(reference.clean_logits.dtype))
-            return metric_fn(whole, task, reference)[rows]
+            whole = reference.clean_logits.at[rows].set(
+                logits.astype(reference.clean_logits.dtype), mode="drop")
+            return jnp.where(valid, metric_fn(whole, task, reference)[prompts], 0)
     # The reference is held fixed (as in exact patching): differentiate w.r.t. the logits only.
 
     def grads_at(deltas, grad_scale=None):
@@ -246,7 +248,7 @@ def _estimate(model, task, rows, reference, first_diff, keys, granularities, dir
     # Causality: before a prompt's first differing token both runs are the same computation, so
     # their activations differ only by compilation (the base run is differentiated, the source
     # run not): the difference there is exactly zero, as in exact patching.
-    changed = jnp.arange(base_tokens.shape[1])[None] >= first_diff[rows][:, None]  # [batch, pos]
+    changed = jnp.arange(base_tokens.shape[1])[None] >= first_diff[prompts][:, None]  # [batch, pos]
     diffs = {}
     for key in cache_keys:
         d = source_cache[key].astype(dtypes[key]) - base_cache[key].astype(dtypes[key])
