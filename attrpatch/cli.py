@@ -800,8 +800,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="multi-process run: process 0's address, or 'auto' on a TPU pod or under "
                         "SLURM (every process runs the same command; only process 0 writes --out)")
-    s.add_argument("--num-processes", type=int, default=None, metavar="N")
-    s.add_argument("--process-id", type=int, default=None, metavar="I")
+    s.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="multi-process run: how many processes (with --coordinator)")
+    s.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help="multi-process run: this process's id, 0..N-1 (with --coordinator)")
     s.set_defaults(func=cmd_scan)
 
     v = sub.add_parser(

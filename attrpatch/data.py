@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +57,13 @@ def load_task(path: str | os.PathLike, model=None, model_dir: str | os.PathLike 
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                task = _from_arrays({k: f[k] for k in f.files}, path, metric)
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    arrays = {k: f[k] for k in f.files}
+            except (OSError, EOFError, zipfile.BadZipFile) as e:
+                raise DataError(f"{path}: not a readable .npz file (empty, truncated or another "
+                                f"format): {e or type(e).__name__}") from e
+            task = _from_arrays(arrays, path, metric)
         elif suffix in (".json", ".jsonl", ".csv", ".tsv"):
             records = _read_records(path, suffix)
             if isinstance(records, dict) and "prompts" not in records:
@@ -178,10 +184,15 @@ def _from_text(prompts, tok, path: Path, metric: str, prepend_bos: bool = False)
             need = ("clean", "corrupt", "answers", "wrong_answers")
         else:
             need = ("clean", "corrupt", "answer", "wrong_answer")
-        missing = [k for k in need if k not in p or p[k] in (None, "")]
+        missing = [k for k in need if k not in p or p[k] is None or p[k] == "" or p[k] == []]
         if missing:
-            raise DataError(f"{where}: missing field(s) {', '.join(missing)} (needs "
+            raise DataError(f"{where}: missing or empty field(s) {', '.join(missing)} (needs "
                             f"{', '.join(need)})")
+        for k in need:
+            texts = p[k] if isinstance(p[k], list) and "answer" in k else [p[k]]
+            if not all(isinstance(t, str) for t in texts):
+                kind = "a string or a list of strings" if "answer" in k else "a string"
+                raise DataError(f"{where}: {k} must be {kind}, got {p[k]!r}")
         c, x = _encode(tok, p["clean"]), _encode(tok, p["corrupt"])
         if len(c) != len(x):
             raise DataError(f"{where}: clean tokenises to {len(c)} tokens but corrupt to "

@@ -44,14 +44,20 @@ class Task(eqx.Module):
         clean, corrupt = np.asarray(clean_tokens), np.asarray(corrupt_tokens)
         if clean.ndim != 2:
             raise ValueError(f"clean_tokens must be [batch, pos], got shape {clean.shape}")
+        if 0 in clean.shape:
+            raise ValueError(f"clean_tokens has shape {clean.shape}: a task needs at least one "
+                             "prompt of at least one token")
         if clean.shape != corrupt.shape:
             raise ValueError(
                 f"clean_tokens {clean.shape} and corrupt_tokens {corrupt.shape} must have the same "
                 "shape (pad both to one length and pass attention_mask)"
             )
+        for name, a in (("clean_tokens", clean), ("corrupt_tokens", corrupt)):
+            _check_ids(name, a)
         answers = []
         for name, a in (("correct_tokens", correct_tokens), ("incorrect_tokens", incorrect_tokens)):
             a = np.asarray(a)
+            _check_ids(name, a)
             a = a[:, None] if a.ndim == 1 else a
             if a.ndim != 2 or a.shape[0] != clean.shape[0]:
                 raise ValueError(
@@ -63,6 +69,10 @@ class Task(eqx.Module):
             mask = np.asarray(attention_mask)
             if mask.shape != clean.shape:
                 raise ValueError(f"attention_mask {mask.shape} must match tokens {clean.shape}")
+            if not np.isin(mask, (0, 1)).all():
+                bad = mask[~np.isin(mask, (0, 1))].flat[0]
+                raise ValueError(f"attention_mask holds {bad}: only 1 (real token) and 0 "
+                                 "(padding) are allowed")
             if (mask.sum(1) == 0).any():
                 raise ValueError("attention_mask has a prompt with no real token")
             if (np.diff(mask.astype(int), axis=1) > 0).any():
@@ -115,6 +125,16 @@ class Task(eqx.Module):
         """Per prompt, the first position where clean and corrupt differ (``pos`` if none)."""
         differ = np.asarray(self.clean_tokens != self.corrupt_tokens)
         return np.where(differ.any(1), differ.argmax(1), self.n_pos)
+
+
+def _check_ids(name: str, ids: np.ndarray) -> None:
+    """`ValueError` unless `ids` are integers that fit int32 (checked before any cast wraps them)."""
+    if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must be integer token ids, got dtype {ids.dtype}")
+    limits = np.iinfo(np.int32)
+    if ids.size and (ids.min() < 0 or ids.max() > limits.max):
+        bad = ids.min() if ids.min() < 0 else ids.max()
+        raise ValueError(f"{name} holds {int(bad)}: token ids must be in 0..{limits.max}")
 
 
 class MetricReference(NamedTuple):

@@ -398,7 +398,19 @@ BAD = {
     "bool token ids": ({"clean_tokens": [[True, False]], "corrupt_tokens": [[1, 3]],
                         "correct_tokens": [1], "incorrect_tokens": [2]}, "must be an integer array"),
     "missing text field": ([{"clean": "w1 w2", "corrupt": "w1 w3", "answer": "w4"}],
-                           "missing field.*wrong_answer"),
+                           "missing or empty field.*wrong_answer"),
+    "empty auto-circuit answers": ({"prompts": [{"clean": "w1 w2", "corrupt": "w1 w3", "answers": [],
+                                                 "wrong_answers": ["w6"]}]},
+                                   "missing or empty field.*answers"),
+    "wrong-typed text field": ([{"clean": 5, "corrupt": "w1 w3", "answer": "w4",
+                                 "wrong_answer": "w6"}], "clean must be a string, got 5"),
+    "no prompts": ({"prompts": []}, "non-empty list of prompts"),
+    "attention mask of 2": ({"clean_tokens": [[1, 2]], "corrupt_tokens": [[1, 3]],
+                             "correct_tokens": [1], "incorrect_tokens": [2],
+                             "attention_mask": [[1, 2]]}, "attention_mask holds 2"),
+    "ids beyond int32": ({"clean_tokens": [[1, 2**33 + 1]], "corrupt_tokens": [[1, 3]],
+                          "correct_tokens": [1], "incorrect_tokens": [2]},
+                         "clean_tokens holds 8589934593: token ids must be in 0..2147483647"),
 }
 
 
@@ -413,6 +425,17 @@ def test_bad_data_clear_error_and_nothing_written(case, ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "attrpatch: error:" in err and re.search(message, err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]  # no out, no temp dir
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated"], ids=["empty", "truncated"])
+def test_unreadable_npz_is_a_clear_error(content, ckpt, tmp_path, capsys):
+    data = tmp_path / "bad.npz"
+    data.write_bytes(content)
+    rc = main(["scan", "--model", str(ckpt), "--data", str(data), "--sites", "z", "--out",
+               str(tmp_path / "out")])
+    assert rc == 2
+    assert "not a readable .npz file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]
 
 
 def test_bad_arguments_nothing_written(ckpt, npz_data, tmp_path, capsys):
