@@ -75,7 +75,14 @@ from attrpatch.sharding import (
     to_host,
 )
 from attrpatch.sites import block_keys, site_axes
-from attrpatch.task import MetricFn, MetricReference, Task, check_reference, resolve_metric
+from attrpatch.task import (
+    MetricFn,
+    MetricReference,
+    Task,
+    check_finite_metrics,
+    check_reference,
+    resolve_metric,
+)
 
 # The sites that write a layer's output into the residual stream (GradDrop cuts them).
 _WRITES = ("hook_attn_out", "hook_mlp_out")
@@ -440,6 +447,7 @@ def attribute(
         for g in granularities
     }
     base, source = whole(lambda p: p["base"]), whole(lambda p: p["source"])
+    check_finite_metrics(base, source)
     graddrop = None
     if method == "atp_star":  # sum over layers of |batch-mean estimate with the layer cut|
         per_layer = {g: sum(p["graddrop"][g] for p in parts) / n for g in granularities}

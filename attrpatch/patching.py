@@ -62,7 +62,14 @@ from attrpatch.sharding import (
     to_host,
 )
 from attrpatch.sites import site_axes
-from attrpatch.task import METRICS, MetricReference, Task, check_reference, resolve_metric
+from attrpatch.task import (
+    METRICS,
+    MetricReference,
+    Task,
+    check_finite_metrics,
+    check_reference,
+    resolve_metric,
+)
 
 SOURCES = ("default", "zero", "mean", "resample")
 ABLATIONS = ("zero", "mean", "resample")
@@ -619,6 +626,7 @@ def patch(
         base_cache, src_cache, base_pp, source_pp = corrupt_cache, clean_cache, corrupt_pp, clean_pp
     else:
         base_cache, src_cache, base_pp, source_pp = clean_cache, corrupt_cache, clean_pp, corrupt_pp
+    check_finite_metrics(base_pp, source_pp)
     if ablation:
         first_diff = np.zeros(task.batch, np.int64)
         src_cache = _ablation_sources(clean_cache, keys, source, seed, am)

@@ -201,6 +201,19 @@ def resolve_metric(metric: str | MetricFn | None, task: Task) -> tuple[str, Metr
     return metric, METRICS[metric]
 
 
+def check_finite_metrics(base, source) -> None:
+    """`ValueError` naming the run and prompts where the unpatched metric is NaN or infinite
+    (``[batch]`` each): every effect would be meaningless, so nothing is computed from them."""
+    for run, values in (("base", np.asarray(base)), ("source", np.asarray(source))):
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise ValueError(
+                f"the unpatched {run} run's metric is {values[bad[0]]} on prompt(s) "
+                f"{bad[:5].tolist()}{' ...' if bad.size > 5 else ''}: the model gives non-finite "
+                "logits there (NaN or infinite weights in the checkpoint, or a config value such "
+                "as a negative norm epsilon). Check the checkpoint; nothing was computed from it")
+
+
 def check_reference(name: str, task: Task, reference: MetricReference) -> None:
     """Warn where a metric is ill-conditioned on these prompts (tiny normalisation gap)."""
     if name == "normalized_logit_diff":

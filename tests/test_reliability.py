@@ -194,3 +194,27 @@ def test_zero_gap_gives_no_verdict():
     v = validate(atp, exact)
     assert set(v.verdicts.values()) == {"n/a"}
     assert "gap" in v.note and v.to_json()["note"] == v.note
+
+
+@pytest.mark.parametrize("methods", ["exact", "atp", "atp,exact"])
+def test_non_finite_weights_are_refused_before_anything_is_written(methods, tiny_ckpt, tmp_path,
+                                                                   capsys):
+    """A NaN weight makes every metric NaN: refused with the cause named, exit 2, no --out
+    (it used to give all-NaN results, a misleading traceback, or a TypeError after writing)."""
+    from safetensors.numpy import load_file, save_file
+
+    model_dir, data = tiny_ckpt
+    broken = tmp_path / "nan-model"
+    broken.mkdir()
+    (broken / "config.json").write_text((model_dir / "config.json").read_text())
+    tensors = load_file(model_dir / "model.safetensors")
+    w = tensors["transformer.h.1.mlp.c_proj.weight"].copy()
+    w[0, 0] = np.nan
+    tensors["transformer.h.1.mlp.c_proj.weight"] = w
+    save_file(tensors, broken / "model.safetensors")
+    rc = main(["scan", "--model", str(broken), "--data", str(data), "--sites", "z",
+               "--methods", methods, "--quiet", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "metric is nan on prompt(s) [0, 1, 2]" in err and "NaN or infinite weights" in err
+    assert not (tmp_path / "out").exists()
