@@ -421,6 +421,18 @@ def load_outputs(out_dir: Path):
 # Commands
 
 
+def _model_dir(name: str, allow_download: bool) -> Path:
+    """A checkpoint directory, or a Hugging Face repo id found in the local hub cache (fetched
+    only with `allow_download`)."""
+    from attrpatch.loading import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(name, allow_download)
+    except (FileNotFoundError, ValueError) as e:
+        message = str(e).replace("(`allow_download=True`)", "(--allow-download)")
+        raise CLIError(message) from e
+
+
 def _load_model(model_dir):
     from attrpatch.loading import load_model
 
@@ -604,7 +616,7 @@ def cmd_demo(args) -> int:
     from attrpatch.tasks import task_for_model
 
     t_start = time.perf_counter()
-    model_dir = Path(args.model) if args.model else default_model_dir()
+    model_dir = _model_dir(args.model, args.allow_download) if args.model else default_model_dir()
     if not (model_dir / "config.json").is_file():
         raise CLIError(f"demo model {model_dir} not found (pass --model DIR)")
     check_out(args.out)
@@ -676,14 +688,15 @@ def cmd_scan(args) -> int:
     thresholds = parse_thresholds(args.threshold)
     if is_writer():  # only process 0 writes --out
         check_out(args.out)
-    model = _load_model(args.model)
+    model_dir = _model_dir(args.model, args.allow_download)
+    model = _load_model(model_dir)
     if args.sites is None:  # the defaults, less MLP sites on an attention-only model
         grans = list(available_granularities(
             model.config, sites_to_granularities(DEFAULT_SITES, args.by_pos)))
     else:
         grans = sites_to_granularities(args.sites, args.by_pos, model.config)
     try:
-        task = load_task(args.data, model=model, model_dir=args.model, metric=args.metric,
+        task = load_task(args.data, model=model, model_dir=model_dir, metric=args.metric,
                          prepend_bos=args.prepend_bos)
     except DataError as e:
         raise CLIError(str(e)) from e
@@ -695,7 +708,7 @@ def cmd_scan(args) -> int:
            "verify_random": args.verify_random, "seed": args.seed, "steps": args.steps,
            "verify_until": args.verify_until, "verify_budget": args.verify_budget}
     out = Path(args.out)
-    summary = run_pipeline(model, args.model, task, grans, methods, args.direction, args.metric,
+    summary = run_pipeline(model, model_dir, task, grans, methods, args.direction, args.metric,
                            out, run, thresholds, args.verify_top, args.verify_random, args.seed,
                            quiet=args.quiet, steps=args.steps, verify_until=args.verify_until,
                            verify_budget=args.verify_budget, mesh=mesh)
@@ -750,7 +763,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "large=0.2 or attn_saturation=0.9; repeatable")
 
     d = sub.add_parser("demo", help="AtP, AtP*, IG + exact patching + validation on the shipped IOI model")
-    d.add_argument("--model", help=f"checkpoint directory (default: models/{DEFAULT_MODEL})")
+    d.add_argument("--model", help=f"checkpoint directory or Hugging Face repo id in the local "
+                                   f"cache (default: models/{DEFAULT_MODEL})")
+    d.add_argument("--allow-download", action="store_true",
+                   help="fetch a repo id missing from the Hugging Face cache")
     d.add_argument("--out", default="attrpatch-demo", help="output directory")
     d.add_argument("--n-prompts", type=int, default=None, help="prompts (default: the model's)")
     d.add_argument("--direction", choices=("denoise", "noise"), default="noise",
@@ -761,7 +777,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("scan", help="patch a model on a data file")
-    s.add_argument("--model", required=True, help="checkpoint directory")
+    s.add_argument("--model", required=True,
+                   help="checkpoint directory, or Hugging Face repo id (org/name) in the local cache")
+    s.add_argument("--allow-download", action="store_true",
+                   help="fetch a repo id missing from the Hugging Face cache (offline otherwise)")
     s.add_argument("--data", required=True,
                    help=".npz/.json token ids, or text prompts (.json/.jsonl/.csv/.tsv, "
                         "auto-circuit); see attrpatch.data")

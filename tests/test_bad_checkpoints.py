@@ -442,3 +442,31 @@ def test_local_paths_are_never_repo_ids(tiny_gpt2, tmp_path, monkeypatch, no_net
         resolve_checkpoint(tiny_gpt2 / "config.json")
     with pytest.raises(ValueError, match="revision='v1' applies to Hugging Face repo ids"):
         load_model(tiny_gpt2, revision="v1")
+
+
+def test_cli_takes_a_repo_id_from_the_cache(tiny_gpt2, tmp_path, monkeypatch, no_network, capsys):
+    """`attrpatch scan --model org/name` reads the local hub cache, offline; a missing id names
+    the cache and the flag that would download it."""
+    from attrpatch.cli import main
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_gpt2 / name, plain / name)
+    hub_layout(tmp_path / "hub", REPO_ID, plain)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    rng = np.random.default_rng(0)
+    clean = rng.integers(1, 61, (2, 5))
+    corrupt = clean.copy()
+    corrupt[:, 2] = (clean[:, 2] + 1) % 61
+    np.savez(tmp_path / "data.npz", clean_tokens=clean, corrupt_tokens=corrupt,
+             correct_tokens=[1, 2], incorrect_tokens=[3, 4])
+    args = ["scan", "--data", str(tmp_path / "data.npz"), "--sites", "z", "--methods", "atp",
+            "--quiet"]
+    assert main([*args, "--model", REPO_ID, "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["run"]["model"] == REPO_ID
+    capsys.readouterr()
+    assert main([*args, "--model", "other-org/missing", "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "not in the local cache" in err and "--allow-download" in err, err
+    assert not (tmp_path / "o2").exists()
