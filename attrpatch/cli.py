@@ -81,12 +81,17 @@ class CLIError(Exception):
 _PATCH_INTERRUPTED = "patch: interrupted"
 
 
-def default_model_dir() -> Path:
-    """The shipped demo model: ``models/ioi-gpt2-4l`` beside the package (or in the cwd)."""
+def shipped_models_dir() -> Path:
+    """The shipped checkpoints: ``models/`` beside the package (or in the cwd)."""
     for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
         if (root / "models" / DEFAULT_MODEL / "config.json").is_file():
-            return root / "models" / DEFAULT_MODEL
-    return Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL
+            return root / "models"
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+def default_model_dir() -> Path:
+    """The shipped demo model, ``models/ioi-gpt2-4l``."""
+    return shipped_models_dir() / DEFAULT_MODEL
 
 
 def split_list(items) -> list[str]:
@@ -719,6 +724,24 @@ def cmd_scan(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    """One line per shipped model: name, family and size, task, path."""
+    root = shipped_models_dir()
+    dirs = sorted(p for p in root.glob("*") if (p / "config.json").is_file())
+    if not dirs:
+        raise CLIError(f"no shipped models found in {root}")
+    for d in dirs:
+        cfg = json.loads((d / "config.json").read_text())
+        layers = cfg.get("n_layer", cfg.get("num_hidden_layers"))
+        width = cfg.get("n_embd", cfg.get("hidden_size"))
+        task_file = d / "attrpatch_task.json"
+        task = json.loads(task_file.read_text()).get("task") if task_file.is_file() else None
+        default = "  (demo default)" if d.name == DEFAULT_MODEL else ""
+        print(f"{d.name:<24} {cfg.get('model_type')}, {layers} layers, d_model {width}; "
+              f"task {task}  {d}{default}")
+    return 0
+
+
 def cmd_validate(args) -> int:
     from attrpatch.validation import validate
 
@@ -834,6 +857,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("out_dir", help="a scan/demo output directory")
     v.add_argument("--threshold", action="append", metavar="NAME=VALUE", help=thr_help)
     v.set_defaults(func=cmd_validate)
+
+    m = sub.add_parser("models", help="list the shipped models")
+    m.set_defaults(func=cmd_models)
     return p
 
 

@@ -478,3 +478,12 @@ def test_token_labels_read_byte_level_and_sentencepiece_tokens():
 
     assert [display_token(t) for t in ("\u0120Mary", "\u2581Mary", "<0x0A>", "\u010a", "to")] == [
         " Mary", " Mary", "\\n", "\\n", "to"]
+
+
+def test_models_lists_every_shipped_model(capsys):
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shipped = sorted(p.name for p in SHIPPED.parent.iterdir() if (p / "config.json").is_file())
+    assert [line.split()[0] for line in lines] == shipped
+    assert any("(demo default)" in line and line.startswith("ioi-gpt2-4l") for line in lines)
+    assert all("layers, d_model" in line for line in lines)
