@@ -17,6 +17,7 @@ _API = {
     "load_model": "attrpatch.loading",
     "save_model": "attrpatch.loading",
     "Model": "attrpatch.model",
+    "enable_compilation_cache": "attrpatch.model",
     "gaussian_noise_corruption": "attrpatch.patching",
     "patch": "attrpatch.patching",
     "top_neurons": "attrpatch.patching",

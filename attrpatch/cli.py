@@ -617,10 +617,26 @@ def print_summary(summary: dict, out: Path, file=None) -> None:
     print(f"report: {Path(out).resolve() / 'report.html'}", file=file)
 
 
+def _compile_cache(args) -> None:
+    """JAX's persistent compilation cache on (:func:`attrpatch.enable_compilation_cache`), unless
+    ``--no-compile-cache`` or ``ATTRPATCH_COMPILE_CACHE=0``; a cache directory that cannot be
+    created only warns."""
+    if args.no_compile_cache or os.environ.get("ATTRPATCH_COMPILE_CACHE") == "0":
+        return
+    from attrpatch.model import compilation_cache_dir, enable_compilation_cache
+
+    try:
+        enable_compilation_cache()
+    except OSError as e:
+        print(f"attrpatch: warning: no compilation cache ({compilation_cache_dir()}: {e.strerror})",
+              file=sys.stderr)
+
+
 def cmd_demo(args) -> int:
     from attrpatch.tasks import task_for_model
 
     t_start = time.perf_counter()
+    _compile_cache(args)
     model_dir = _model_dir(args.model, args.allow_download) if args.model else default_model_dir()
     if not (model_dir / "config.json").is_file():
         raise CLIError(f"demo model {model_dir} not found (pass --model DIR)")
@@ -671,6 +687,7 @@ def cmd_scan(args) -> int:
     from attrpatch.sharding import is_writer
 
     mesh = _mesh_from_args(args)  # first: a multi-process run starts before any other JAX call
+    _compile_cache(args)
     methods = parse_methods(args.methods)
     if (args.verify_top or args.verify_random) and not set(methods) & set(ESTIMATORS):
         raise CLIError(f"--verify-top/--verify-random need an estimator in --methods "
@@ -784,6 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     thr_help = ("override a validation threshold (attrpatch.validation.Thresholds), e.g. "
                 "large=0.2 or attn_saturation=0.9; repeatable")
+    cache_help = ("do not keep compiled computations across runs (default: kept in "
+                  "$ATTRPATCH_CACHE_DIR, else $XDG_CACHE_HOME/attrpatch, else ~/.cache/attrpatch)")
 
     d = sub.add_parser("demo", help="AtP, AtP*, IG + exact patching + validation on the shipped IOI model")
     d.add_argument("--model", help=f"checkpoint directory or Hugging Face repo id in the local "
@@ -797,6 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "fails on the shipped model's residual stream and first MLP) or denoise")
     d.add_argument("--threshold", action="append", metavar="NAME=VALUE", help=thr_help)
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.add_argument("--no-compile-cache", action="store_true", help=cache_help)
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("scan", help="patch a model on a data file")
@@ -836,6 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--threshold", action="append", metavar="NAME=VALUE", help=thr_help)
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--no-compile-cache", action="store_true", help=cache_help)
     s.add_argument("--mesh", default=None, metavar="data=D,model=M",
                    help="run on a device mesh: D-way over prompts and patched runs, M-way over "
                         "heads and MLP width (default: one device)")

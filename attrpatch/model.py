@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -22,6 +24,26 @@ def _forward(params, cfg, tokens, attention_mask, interventions, cache_keys, log
     return transformer.forward(
         params, cfg, tokens, attention_mask, interventions, cache_keys, logit_positions, remat
     )
+
+
+def compilation_cache_dir() -> Path:
+    """Where compiled computations are kept across runs: ``$ATTRPATCH_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/attrpatch``, else ``~/.cache/attrpatch`` (a ``jax`` folder inside)."""
+    root = os.environ.get("ATTRPATCH_CACHE_DIR") or (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attrpatch")
+    return Path(root) / "jax"
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
+    """Keep JAX's compiled computations on disk (`path`, default :func:`compilation_cache_dir`),
+    so later processes skip compiling what an earlier one compiled. Changes JAX's global settings
+    for this process; importing attrpatch never does. Returns the directory."""
+    path = Path(path) if path is not None else compilation_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
 
 
 class Model(eqx.Module):

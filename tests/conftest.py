@@ -14,6 +14,10 @@ import os
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 
+# The command line keeps compiled code on disk across runs; the tests that call it in this
+# process must not switch that on for the whole suite (test_cli tests the cache in subprocesses).
+os.environ["ATTRPATCH_COMPILE_CACHE"] = "0"
+
 import jax  # noqa: E402
 import pytest
 

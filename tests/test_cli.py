@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -487,3 +488,25 @@ def test_models_lists_every_shipped_model(capsys):
     assert [line.split()[0] for line in lines] == shipped
     assert any("(demo default)" in line and line.startswith("ioi-gpt2-4l") for line in lines)
     assert all("layers, d_model" in line for line in lines)
+
+
+def test_compiled_once_across_runs(ckpt, npz_data, tmp_path):
+    """The command line keeps compiled computations on disk: a second identical run compiles
+    nothing new (no new cache files) and gives the same results; --no-compile-cache writes none."""
+    env = dict(os.environ, ATTRPATCH_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("ATTRPATCH_COMPILE_CACHE")  # conftest turns the cache off for in-process tests
+    args = [sys.executable, "-m", "attrpatch", "scan", "--model", str(ckpt), "--data",
+            str(npz_data), "--sites", "z", "--methods", "atp,exact", "--quiet"]
+    entries = []
+    for run in ("a", "b"):
+        subprocess.run([*args, "--out", str(tmp_path / run)], env=env, check=True,
+                       capture_output=True)
+        entries.append(sorted(p.name for p in (tmp_path / "cache" / "jax").iterdir()))
+    assert entries[0] and entries[1] == entries[0]
+    with np.load(tmp_path / "a" / "results.npz") as a, np.load(tmp_path / "b" / "results.npz") as b:
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k])
+    env["ATTRPATCH_CACHE_DIR"] = str(tmp_path / "off")
+    subprocess.run([*args, "--no-compile-cache", "--out", str(tmp_path / "c")], env=env,
+                   check=True, capture_output=True)
+    assert not (tmp_path / "off").exists()
