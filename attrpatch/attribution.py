@@ -419,7 +419,7 @@ def attribute(
     micro, n_micro = _micro_batches(task.batch, batch_size, mesh)
     start = time.perf_counter()
     reference = None
-    if micro * n_micro != task.batch or n_micro > 1:  # padded or split: one reference for all
+    if micro != task.batch:  # split or padded: one reference for all micro-batches
         reference = _reference_logits(model, task)
     first_diff = jnp.asarray(task.first_diff_positions)
     parts = []
@@ -483,9 +483,9 @@ def attribute_memory(model: Model, task: Task, granularities: Sequence[str] | st
     _, metric_fn = resolve_metric(metric, task)
     keys = tuple(sorted({GRANULARITIES[g][0] for g in granularities}))
     model, task = shard_model(model, mesh), replicate(task, mesh)
-    micro, n_micro = _micro_batches(task.batch, batch_size, mesh)
+    micro, _ = _micro_batches(task.batch, batch_size, mesh)
     reference = None
-    if micro * n_micro != task.batch or n_micro > 1:
+    if micro != task.batch:
         reference = jax.eval_shape(_reference_logits, model, task)
     rows = shard_leading(np.arange(micro, dtype=np.int32), mesh)
     compiled = _estimate.lower(

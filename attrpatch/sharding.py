@@ -106,25 +106,24 @@ def param_spec(key: str, shape: tuple[int, ...], mesh: Mesh) -> P:
                for a, n in zip(axes, shape, strict=True)))
 
 
-def _param_keys(params: dict) -> list[tuple[str, tuple]]:
-    """(flat key, pytree path) of every parameter: ``"W_E"``, ``"blocks.W_Q"``, ..."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    return [(".".join(str(k.key) for k in path), path) for path, _ in flat]
+def _flat_key(path) -> str:
+    """A parameter's pytree path as its :data:`PARAM_AXES` key: ``"W_E"``, ``"blocks.W_Q"``, ..."""
+    return ".".join(str(k.key) for k in path)
 
 
 def param_shardings(params: dict, mesh: Mesh) -> dict:
     """A pytree like `params` of `NamedSharding` s (the sharding rules applied)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, param_spec(".".join(str(k.key) for k in path),
-                                                      x.shape, mesh)), params)
+        lambda path, x: NamedSharding(mesh, param_spec(_flat_key(path), x.shape, mesh)), params)
 
 
 def replicated_params(params: dict, mesh: Mesh) -> list[str]:
     """Parameters a rule would shard over ``model`` but that the axis does not divide."""
-    leaves = dict(zip([k for k, _ in _param_keys(params)], jax.tree.leaves(params), strict=True))
-    return [k for k, x in leaves.items()
-            if "model" in PARAM_AXES.get(k, ()) and "model" not in param_spec(k, x.shape, mesh)
-            and mesh.shape["model"] > 1]
+    if mesh.shape["model"] == 1:
+        return []
+    keys = [(_flat_key(path), x) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return [k for k, x in keys
+            if "model" in PARAM_AXES.get(k, ()) and "model" not in param_spec(k, x.shape, mesh)]
 
 
 def shard_model(model, mesh: Mesh | None):
