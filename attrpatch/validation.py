@@ -709,6 +709,26 @@ class Validation:
         }
 
 
+def verdict(stats_: dict, flagged: bool, unit: float, t: Thresholds) -> str:
+    """A family's verdict from its :func:`agreement` numbers (with ``n_high``, the count of
+    high-severity flags) and whether anything in it is flagged (rules in :class:`Thresholds`)."""
+    r = stats_["pearson"]
+    if stats_["n"] == 0:  # nothing verified
+        return "n/a"
+    if stats_["max_abs_error"] <= t.small * unit and not flagged:  # every error negligible
+        return "reliable"
+    if not np.isfinite(r):  # constant and not negligible
+        return "caution"
+    if r >= t.reliable_pearson and stats_["n_high"] == 0:
+        return "reliable"
+    return "caution" if r >= t.caution_pearson else "unreliable"
+
+
+def level_of(sev: float, t: Thresholds) -> str:
+    """"high" | "medium" | "low" for a severity (:class:`Thresholds`)."""
+    return "high" if sev >= t.severity_high else "medium" if sev >= t.severity_medium else "low"
+
+
 def family_of(granularity: str) -> str:
     """The site family (:data:`attrpatch.results.FAMILIES`) a granularity belongs to."""
     return next(f for f, gs in FAMILIES.items() if granularity in gs)
@@ -874,7 +894,7 @@ def validate(estimate: PatchResults, exact: PatchResults, diagnostics: Diagnosti
             kind, sev = _classify(ra, re_, t)
             if kind is None:
                 continue
-            level = "high" if sev >= t.severity_high else "medium" if sev >= t.severity_medium else "low"
+            level = level_of(sev, t)
             values = {name: float(v[idx]) for name, v in other_g.items() if np.isfinite(v[idx])}
             causes, notes = _causes(g, idx, diagnostics, t)
             more_causes, more_notes = _estimator_causes(
@@ -916,20 +936,7 @@ def validate(estimate: PatchResults, exact: PatchResults, diagnostics: Diagnosti
         stats_["n_flags"] = len(fam_flags)
         stats_["n_high"] = sum(f.level == "high" for f in fam_flags)
         by_family[fam] = stats_
-        r = stats_["pearson"]
-        negligible = stats_["n"] and stats_["max_abs_error"] <= t.small * unit
-        if stats_["n"] == 0:  # nothing verified in this family
-            verdicts[fam] = "n/a"
-        elif negligible and not fam_flags:  # every error is negligible next to the gap
-            verdicts[fam] = "reliable"
-        elif stats_["n"] and not np.isfinite(r):  # constant and not negligible
-            verdicts[fam] = "caution"
-        elif r >= t.reliable_pearson and stats_["n_high"] == 0:
-            verdicts[fam] = "reliable"
-        elif r >= t.caution_pearson:
-            verdicts[fam] = "caution"
-        else:
-            verdicts[fam] = "unreliable"
+        verdicts[fam] = verdict(stats_, bool(fam_flags), unit, t)
         if verdicts[fam] in ("caution", "unreliable"):
             drivers[fam] = _drivers(a, e, where, fam_flags, unit, t, tokens)
     note = ""

@@ -23,7 +23,7 @@ LayerNorm biases, post-norms, learned positions):
 The phases (the exact-patching engine calls them on packed rows, each row with its position):
 :func:`embed`; :func:`attention_inputs` (hooks q, k, v, then rot_q, rot_k); :func:`mix` (grouped
 query heads, soft-cap, masks, scores and pattern hooks); :func:`block_output` (W_O, post-norm,
-MLP, sequential or parallel); :func:`final_norm` and :func:`unembed` (soft-cap).
+MLP, sequential or parallel, with :func:`mlp`); :func:`final_norm` and :func:`unembed` (soft-cap).
 """
 
 from __future__ import annotations
@@ -139,12 +139,20 @@ def embed(params: dict, cfg: ModelConfig, tokens: Int[Array, "batch pos"], hook:
     return x
 
 
-def attention_inputs(p: dict, cfg: ModelConfig, resid: Float[Array, "batch pos d_model"],
+def attention_inputs(p: dict, cfg: ModelConfig, resid: Float[Array, "batch pos d_model"] | tuple,
                      positions: Int[Array, "batch pos"], hook: Hook) -> tuple[Array, Array, Array]:
     """Queries ``[batch, pos, head, d_head]``, keys and values ``[batch, pos, kv_head, d_head]``
-    of one block (`p` its slice), rotary applied at `positions` (hooks q, k, v, rot_q, rot_k)."""
-    x = norm(resid, p["ln1_w"], p.get("ln1_b"), cfg)
-    q, k, v = (jnp.einsum("bpd,dhe->bphe", x, p[f"W_{n}"]) for n in "QKV")
+    of one block (`p` its slice), rotary applied at `positions` (hooks q, k, v, rot_q, rot_k).
+
+    `resid` is the residual stream the block reads, or (the edge engine) each head's own copy:
+    a tuple ``([head, batch, pos, d_model], [kv_head, ...], [kv_head, ...])`` for q, k and v.
+    """
+    if isinstance(resid, tuple):
+        q, k, v = (jnp.einsum("hbpd,dhe->bphe", norm(x, p["ln1_w"], p.get("ln1_b"), cfg), p[f"W_{n}"])
+                   for n, x in zip("QKV", resid, strict=True))
+    else:
+        x = norm(resid, p["ln1_w"], p.get("ln1_b"), cfg)
+        q, k, v = (jnp.einsum("bpd,dhe->bphe", x, p[f"W_{n}"]) for n in "QKV")
     if cfg.qkv_bias:
         q, k, v = q + p["b_Q"], k + p["b_K"], v + p["b_V"]
     q, k, v = hook("attn.hook_q", q), hook("attn.hook_k", k), hook("attn.hook_v", v)
@@ -197,6 +205,16 @@ def block_output(p: dict, cfg: ModelConfig, resid: Float[Array, "batch pos d_mod
         mlp_in = resid
     else:
         resid = mlp_in = hook("hook_resid_mid", resid + attn_out)
+    mlp_out = mlp(p, cfg, mlp_in, hook)
+    if cfg.parallel_attn_mlp:
+        return hook("hook_resid_post", resid + attn_out + mlp_out)
+    return hook("hook_resid_post", resid + mlp_out)
+
+
+def mlp(p: dict, cfg: ModelConfig, mlp_in: Float[Array, "... d_model"], hook: Hook
+        ) -> Float[Array, "... d_model"]:
+    """A block's MLP on the residual stream it reads: norm, (gated) MLP, post-norm; what it
+    writes to the residual stream (``hook_mlp_out``)."""
     x = norm(mlp_in, p["ln2_w"], p.get("ln2_b"), cfg)
 
     def linear(name: str) -> Array:
@@ -215,10 +233,7 @@ def block_output(p: dict, cfg: ModelConfig, resid: Float[Array, "batch pos d_mod
         mlp_out = mlp_out + p["b_out"]
     if cfg.post_norms:
         mlp_out = norm(mlp_out, p["ln2_post_w"], None, cfg)
-    mlp_out = hook("hook_mlp_out", mlp_out)
-    if cfg.parallel_attn_mlp:
-        return hook("hook_resid_post", resid + attn_out + mlp_out)
-    return hook("hook_resid_post", resid + mlp_out)
+    return hook("hook_mlp_out", mlp_out)
 
 
 def block(p: dict, cfg: ModelConfig, resid: Float[Array, "batch pos d_model"],
