@@ -741,6 +741,58 @@ def cmd_scan(args) -> int:
     return 0
 
 
+def cmd_circuit(args) -> int:
+    from attrpatch.circuits import EDGE_METHODS
+    from attrpatch.circuits.report import run_circuit
+    from attrpatch.data import DataError, load_task
+    from attrpatch.tasks import task_for_model
+
+    t_start = time.perf_counter()
+    _compile_cache(args)
+    methods = tuple(split_list(args.method))
+    for m in methods:
+        if m not in EDGE_METHODS:
+            raise _unknown("edge method", m, EDGE_METHODS)
+    try:
+        sizes = [int(n) for n in split_list(args.edges)] if args.edges else None
+    except ValueError as e:
+        raise CLIError(f"--edges takes edge counts, e.g. 50,100,200 ({e})") from e
+    if sizes is not None and (not sizes or min(sizes) < 1):
+        raise CLIError("--edges takes positive edge counts, e.g. 50,100,200")
+    if args.steps < 1:
+        raise CLIError("--steps must be >= 1")
+    thresholds = parse_thresholds(args.threshold)
+    check_out(args.out)
+    model_dir = _model_dir(args.model, args.allow_download) if args.model else default_model_dir()
+    model = _load_model(model_dir)
+    try:
+        if args.data:
+            task = load_task(args.data, model=model, model_dir=model_dir,
+                             metric=args.metric or "logit_diff")
+        else:
+            task = task_for_model(model_dir, n_prompts=args.n_prompts)
+        task.check_for(model)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    run = {"command": _command(), "subcommand": "circuit", "model": str(model_dir),
+           "data": str(args.data or "attrpatch_task.json"), "direction": args.direction,
+           "metric": args.metric or task.metric, "methods": ",".join(methods), "steps": args.steps,
+           "n_prompts": task.batch, "n_pos": task.n_pos}
+    out = Path(args.out)
+    with _output_dir(out) as staging:
+        summary = run_circuit(model, task, methods, sizes, staging, run, thresholds, args.how,
+                              args.direction, args.metric, args.steps)
+    print(f"{summary['run']['n_edges_graph']} edges; exact: {summary['run']['exact']}")
+    for m, v in summary["validation"].items():
+        a = v["agreement"]
+        print(f"  {m:20s} {v['verdict']:10s} Pearson {_num(a['pearson'], '.3f')}  "
+              f"Spearman {_num(a['spearman'], '.3f')}  flags {a['n_flags']}")
+    for p in summary["faithfulness"]:
+        print(f"  faithfulness {p['method']:20s} {p['n_edges']:6d} edges  {p['faithfulness']:+.3f}")
+    print(f"wrote {out}/report.html; wall time {time.perf_counter() - t_start:.1f}s")
+    return 0
+
+
 def cmd_models(args) -> int:
     """One line per shipped model: name, family and size, task, path."""
     root = shipped_models_dir()
@@ -878,6 +930,32 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("out_dir", help="a scan/demo output directory")
     v.add_argument("--threshold", action="append", metavar="NAME=VALUE", help=thr_help)
     v.set_defaults(func=cmd_validate)
+
+    c = sub.add_parser("circuit", help="score edges (EAP, EAP-IG), check them exactly, find circuits")
+    c.add_argument("--model", help=f"checkpoint directory or Hugging Face repo id in the local "
+                                   f"cache (default: models/{DEFAULT_MODEL})")
+    c.add_argument("--allow-download", action="store_true",
+                   help="fetch a repo id missing from the Hugging Face cache")
+    c.add_argument("--data", default=None,
+                   help="prompts as for scan (default: the model's attrpatch_task.json)")
+    c.add_argument("--n-prompts", type=int, default=None,
+                   help="prompts of the model's own task (default: the model's)")
+    c.add_argument("--method", nargs="+", default=["eap,eap_ig_inputs"],
+                   help="edge scores, commas or spaces: eap, eap_ig_inputs, eap_ig_activations "
+                        "(default eap,eap_ig_inputs; the first draws circuit.png)")
+    c.add_argument("--edges", nargs="+", default=None, metavar="N",
+                   help="circuit sizes for the faithfulness curve, e.g. 50,100,200 (default: "
+                        "5%%, 10%%, 20%% and 50%% of the graph's edges)")
+    c.add_argument("--how", choices=("top", "greedy"), default="top",
+                   help="circuit by the largest |scores| (top) or grown from the logits (greedy)")
+    c.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps (default 5)")
+    c.add_argument("--direction", choices=("denoise", "noise"), default="denoise")
+    c.add_argument("--metric", choices=tuple(METRICS), default=None,
+                   help="default: the task's (logit_diff)")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--threshold", action="append", metavar="NAME=VALUE", help=thr_help)
+    c.add_argument("--no-compile-cache", action="store_true", help=cache_help)
+    c.set_defaults(func=cmd_circuit)
 
     m = sub.add_parser("models", help="list the shipped models")
     m.set_defaults(func=cmd_models)

@@ -3,6 +3,9 @@ and a naive implementation, linear models, and the shipped induction circuit."""
 
 from __future__ import annotations
 
+import csv
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -297,3 +300,32 @@ def test_induction_circuit_previous_token_head_feeds_induction_keys():
     assert np.isfinite(check.scores).sum() == 10 and graph.n_edges > 10
     np.testing.assert_allclose(check.scores[np.isfinite(check.scores)],
                                exact.scores[np.isfinite(check.scores)], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_circuit_command_writes_every_file_and_refuses_bad_input(tmp_path, capsys):
+    from attrpatch.cli import main
+
+    out = tmp_path / "circ"
+    assert main(["circuit", "--model", INDUCTION, "--n-prompts", "4", "--edges", "5,10",
+                 "--method", "eap,eap_ig_inputs", "--out", str(out), "--no-compile-cache"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == summary["files"] == sorted(
+        ["edges.csv", "faithfulness.csv", "circuit.png", "faithfulness.png", "report.html",
+         "summary.json"])
+    assert [(p["method"], p["n_edges"]) for p in summary["faithfulness"]] == [
+        (m, n) for m in ("eap", "eap_ig_inputs", "exact") for n in (5, 10)]
+    rows = list(csv.DictReader(open(out / "edges.csv")))
+    assert len(rows) == EdgeGraph(load_model(INDUCTION).config).n_edges
+    assert all(r["exact"] for r in rows)  # a graph this small is verified edge by edge
+    assert "verdict" in (out / "report.html").read_text()
+    assert main(["circuit", "--model", INDUCTION, "--method", "acdc", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "unknown edge method 'acdc'" in capsys.readouterr().err
+    assert main(["circuit", "--model", INDUCTION, "--edges", "ten", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "--edges takes edge counts" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

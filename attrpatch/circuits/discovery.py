@@ -69,7 +69,7 @@ def _greedy(scores: EdgeResults, allowed: set, limit: int) -> list[tuple]:
     """EAP-IG's greedy growth from the logits over the `allowed` edges (a heap of candidates)."""
     by_owner: dict[str, list[tuple]] = {}
     into_logits = []
-    graph_owners = _owner_table(scores)
+    graph_owners = destination_readers(scores)
     for e in allowed:
         owners = graph_owners[e[1]]
         if not owners:
@@ -94,7 +94,7 @@ def _greedy(scores: EdgeResults, allowed: set, limit: int) -> list[tuple]:
     return chosen
 
 
-def _owner_table(scores: EdgeResults) -> dict[str, tuple[str, ...]]:
+def destination_readers(scores: EdgeResults) -> dict[str, tuple[str, ...]]:
     """Destination name -> the nodes (sources) whose computation reads it: a query head's own
     head, a kv head's group of query heads (the layer, under sandwich norms), the MLP; none for
     the logits. Read off the names (:mod:`attrpatch.circuits.graph`)."""
