@@ -143,7 +143,7 @@ def faithfulness_curve(model: Model, task: Task, scores: dict[str, EdgeResults],
     first = next(iter(scores.values()))
     direction = direction or first.direction
     runs = _Runs.of(model, task, direction, metric if metric is not None else first.metric)
-    base, source = runs.base_metric.mean(), runs.source_metric.mean()
+    base, source = float(runs.base_metric.mean()), float(runs.source_metric.mean())
     out = []
     for method, result in scores.items():
         for n in sizes:
