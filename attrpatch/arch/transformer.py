@@ -67,6 +67,21 @@ def norm(x: Float[Array, "... d"], w, b, cfg: ModelConfig) -> Float[Array, "... 
     return out if b is None else out + b
 
 
+def norm_vjp(x: Float[Array, "... d"], w, cotangents: Float[Array, "n ... d"], cfg: ModelConfig
+             ) -> Float[Array, "n ... d"]:
+    """The gradient of :func:`norm` at `x` pulled back from each of `n` cotangents, float32:
+    ``r * (v - mean(v) - x_hat * mean(v * x_hat))`` with ``v = cotangent * w`` and
+    ``x_hat = norm(x) / w`` (RMSNorm: without ``- mean(v)``)."""
+    x32 = x.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+        x32 = x32 - x32.mean(-1, keepdims=True)
+    r = jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + cfg.norm_eps)
+    x_hat = x32 * r
+    v = cotangents.astype(jnp.float32) * w.astype(jnp.float32)
+    centred = v - v.mean(-1, keepdims=True) if cfg.norm == "layernorm" else v
+    return r * (centred - x_hat * (v * x_hat).mean(-1, keepdims=True))
+
+
 def softcap(x: Array, cap: float | None) -> Array:
     """``cap * tanh(x / cap)`` (identity for None)."""
     return x if cap is None else cap * jnp.tanh(x / cap)

@@ -31,10 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attrpatch.arch import transformer as T
 from attrpatch.attribution import _reference_logits
 from attrpatch.circuits.engine import EdgeEdit, edge_forward
 from attrpatch.circuits.graph import EdgeGraph
 from attrpatch.interrupts import raise_if_interrupted
+from attrpatch.interventions import Interventions, Patch
 from attrpatch.model import Model
 from attrpatch.results import DIRECTIONS
 from attrpatch.task import MetricFn, Task, check_finite_metrics, resolve_metric
@@ -154,39 +156,125 @@ class _Runs:
 # Estimated edge scores
 
 
-@partial(jax.jit, static_argnames=("metric_fn", "by_pos"))
-def _gradient_scores(model, task, reference, tokens, base_outputs, change, frozen, alphas,
-                     metric_fn, by_pos):
-    """Per-prompt ``change[s] . mean_alpha dMetric/d(input of d)`` ``[B, S, Dst(, T)]``, the
-    gradient taken with the `frozen` sources ``[S]`` at ``base + alpha * change`` for each
-    alpha (EAP: none frozen, one alpha)."""
-    n_dst = len(EdgeGraph(model.config).destinations)
-    zeros = jnp.zeros((n_dst, *base_outputs.shape[1:]), base_outputs.dtype)
-
-    def gradient(total, alpha):
-        edit = EdgeEdit(frozen=frozen, frozen_values=base_outputs + alpha * change)
-
-        def metric_sum(offsets):
-            logits, _ = edge_forward(model.params, model.config, tokens, task.attention_mask,
-                                     task.answer_positions, edit._replace(offsets=offsets))
-            return metric_fn(logits, task, reference).sum()
-
-        return total + jax.grad(metric_sum)(zeros), None
-
-    grads = jax.lax.scan(gradient, zeros, alphas)[0] / alphas.shape[0]
-    spec = "sbtm,dbtm->bsdt" if by_pos else "sbtm,dbtm->bsd"
-    return jnp.einsum(spec, change, grads.astype(change.dtype))
+def _destination_sites(cfg) -> tuple[str, ...]:
+    """The sites just after each destination's own read of the residual stream (its norm and
+    projection): queries, keys, values, the MLP's first projections."""
+    keys = ["attn.hook_q", "attn.hook_k", "attn.hook_v"]
+    if not cfg.attn_only:
+        keys += ["mlp.hook_pre", "mlp.hook_pre_linear"] if cfg.gated_mlp else ["mlp.hook_pre"]
+    return tuple(keys)
 
 
-def _source_groups(graph: EdgeGraph) -> list[np.ndarray]:
-    """Sources that move together under ``eap_ig_activations``: the input, each layer's
-    attention sources, each MLP (bool masks ``[S]``)."""
-    groups = [[0]]
-    for layer in range(graph.config.n_layers):
-        groups.append(list(range(len(graph.sources)))[graph.attn_source_slice(layer)])
-        if not graph.config.attn_only:
-            groups.append([graph.mlp_source_index(layer)])
-    return [np.isin(np.arange(len(graph.sources)), g) for g in groups]
+def _source_sites(cfg) -> tuple[str, ...]:
+    """The sites the sources' outputs are read from (and moved at, for integrated gradients)."""
+    keys = ["hook_embed", "attn.hook_z" if EdgeGraph(cfg).head_sources else "hook_attn_out"]
+    keys += [] if cfg.attn_only else ["hook_mlp_out"]
+    return tuple(keys + (["hook_pos_embed"] if cfg.positions == "learned" else []))
+
+
+def _sources_from_cache(params, cfg, cache) -> jax.Array:
+    """Every source's output ``[S, B, T, D]`` in graph order, from a forward's cache."""
+    embedded = cache["hook_embed"] + cache.get("hook_pos_embed", 0.0)
+    if EdgeGraph(cfg).head_sources:  # each head's z times its slice of W_O
+        attn = jnp.einsum("lbqhe,lhed->lhbqd", cache["attn.hook_z"], params["blocks"]["W_O"])
+    else:
+        attn = cache["hook_attn_out"][:, None]
+    per_layer = attn if cfg.attn_only else jnp.concatenate([attn, cache["hook_mlp_out"][:, None]], 1)
+    return jnp.concatenate([embedded[None], per_layer.reshape(-1, *per_layer.shape[2:])])
+
+
+def _input_gradients(params, cfg, cache, grads, answer_positions) -> jax.Array:
+    """dMetric/d(each destination's own copy of its input) ``[Dst, B, T, D]``, in graph order,
+    from the gradients at the destination sites (`grads`, by site key): each destination's
+    read (norm, then its projection) is pulled back from its own residual input."""
+    blocks = params["blocks"]
+
+    def pull(x, w, cotangent):  # the norm's VJP at x, for cotangents [n, B, T, D]
+        return T.norm_vjp(x, w, cotangent, cfg)
+
+    def layer(p, resid_pre, resid_mid, g):
+        back = {n: jnp.einsum("bthe,dhe->hbtd", g[f"attn.hook_{n.lower()}"], p[f"W_{n}"])
+                for n in "QKV"}
+        out = [pull(resid_pre, p["ln1_w"], back[n]) for n in "QKV"]
+        if not cfg.attn_only:
+            read = resid_pre if cfg.parallel_attn_mlp else resid_mid
+            up = g["mlp.hook_pre"] @ p["W_gate" if cfg.gated_mlp else "W_in"].T
+            if cfg.gated_mlp:
+                up = up + g["mlp.hook_pre_linear"] @ p["W_in"].T
+            out.append(pull(read, p["ln2_w"], up[None]))
+        return jnp.concatenate(out)
+
+    mid = cache.get("hook_resid_mid", cache["hook_resid_pre"])
+    per_layer = jnp.stack([
+        layer(jax.tree.map(lambda a, i=i: a[i], blocks), cache["hook_resid_pre"][i], mid[i],
+              {k: grads[k][i] for k in _destination_sites(cfg)}) for i in range(cfg.n_layers)])
+    final = cache["hook_resid_post"][-1]
+    batch = jnp.arange(final.shape[0])
+    at_answer = pull(final[batch, answer_positions], params["ln_f_w"],
+                     grads["ln_final.hook_normalized"][None])[0]
+    logits = jnp.zeros_like(final).at[batch, answer_positions].set(at_answer)
+    return jnp.concatenate([per_layer.reshape(-1, *per_layer.shape[2:]), logits[None]])
+
+
+@partial(jax.jit, static_argnames=("metric_fn", "moved", "by_pos", "per_prompt"))
+def _gradient_scores(model, task, reference, tokens, base_cache, source_cache, layer, alphas,
+                     metric_fn, moved, by_pos, per_prompt):
+    """``(a_source - a_base)[s] . mean_alpha dMetric/d(input of d)``: ``[S, Dst(, T)]`` summed
+    over prompts, or per prompt ``[B, S, Dst(, T)]``.
+
+    The gradients come from the ordinary forward and one backward: zero deltas at every
+    destination site, pulled back to each destination's own input (:func:`_input_gradients`).
+    With `moved` (a source site key) that site is replaced, at `layer` (``[n_layers]`` bool; the
+    input is global), by ``base + alpha * (source - base)`` for each alpha (integrated
+    gradients); EAP moves nothing and has one alpha.
+    """
+    cfg = model.config
+    dest = _destination_sites(cfg)
+    need = ("hook_resid_pre", "hook_resid_post") + (
+        () if cfg.attn_only or cfg.parallel_attn_mlp else ("hook_resid_mid",))
+    positions = task.answer_positions
+
+    def gradients(alpha):
+        patch = {}
+        if moved is not None:
+            value = base_cache[moved] + alpha * (source_cache[moved] - base_cache[moved])
+            where = True if moved == "hook_embed" else layer.reshape(-1, *[1] * (value.ndim - 1))
+            patch[moved] = Patch(jnp.asarray(where), value)
+
+        def metric_sum(deltas):
+            iv = Interventions(delta=deltas, patch=patch)
+            logits, cache = model.run(tokens, task.attention_mask, iv, need, positions)
+            return metric_fn(logits, task, reference).sum(), cache
+
+        zeros = {k: jnp.zeros_like(base_cache[k]) for k in dest}
+        zeros["ln_final.hook_normalized"] = jnp.zeros_like(base_cache["ln_final.hook_normalized"])
+        grads, cache = jax.grad(metric_sum, has_aux=True)(zeros)
+        return _input_gradients(model.params, cfg, cache, grads, positions)
+
+    total = sum(gradients(alphas[i]) for i in range(alphas.shape[0])) / alphas.shape[0]
+    change = (_sources_from_cache(model.params, cfg, source_cache)
+              - _sources_from_cache(model.params, cfg, base_cache)).astype(jnp.float32)
+    spec = "sbtm,dbtm->" + ("b" if per_prompt else "") + ("sdt" if by_pos else "sd")
+    return jnp.einsum(spec, change, total)
+
+
+@partial(jax.jit, static_argnames="keys")
+def _cache(model, task, tokens, keys):
+    return model.run(tokens, task.attention_mask, cache_keys=keys,
+                     logit_positions=task.answer_positions)[1]
+
+
+def _moves(cfg) -> list[tuple[str, int | None, list[int]]]:
+    """What ``eap_ig_activations`` moves, one at a time: (site, layer, the sources it holds):
+    the input, each layer's attention, each MLP."""
+    graph = EdgeGraph(cfg)
+    attn, mlp = _source_sites(cfg)[1], "hook_mlp_out"
+    out = [("hook_embed", None, [0])]
+    for layer in range(cfg.n_layers):
+        out.append((attn, layer, list(range(len(graph.sources)))[graph.attn_source_slice(layer)]))
+        if not cfg.attn_only:
+            out.append((mlp, layer, [graph.mlp_source_index(layer)]))
+    return out
 
 
 def attribute_edges(model: Model, task: Task, method: str = "eap", steps: int = 5,
@@ -212,29 +300,55 @@ def attribute_edges(model: Model, task: Task, method: str = "eap", steps: int = 
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     start = time.perf_counter()
-    runs = _Runs.of(model, task, direction, metric)
-    change = runs.source_outputs - runs.base_outputs
-    n_src = len(runs.graph.sources)
-    midpoints = jnp.asarray((np.arange(steps) + 0.5) / steps, change.dtype)
+    task.check_for(model)
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    metric_name, metric_fn = resolve_metric(metric, task)
+    cfg, graph = model.config, EdgeGraph(model.config)
+    reference = _reference_logits(model, task)
+    base, source = task.runs(direction)
+    keys = tuple(sorted({*_destination_sites(cfg), *_source_sites(cfg), "ln_final.hook_normalized"}))
+    base_cache, source_cache = _cache(model, task, base, keys), _cache(model, task, source, keys)
+    midpoints = jnp.asarray((np.arange(steps) + 0.5) / steps, jnp.float32)
 
-    def scores(frozen, alphas):
+    def scores(moved, layer, alphas):
         raise_if_interrupted()
+        at = np.zeros(cfg.n_layers, bool) if layer is None else np.arange(cfg.n_layers) == layer
         return np.asarray(_gradient_scores(
-            model, task, runs.reference, runs.base_tokens, runs.base_outputs, change,
-            jnp.asarray(frozen, change.dtype), alphas, runs.metric_fn, bool(by_pos)))
+            model, task, reference, base, base_cache, source_cache, jnp.asarray(at), alphas,
+            metric_fn, moved, bool(by_pos), bool(per_prompt)))
 
     if method == "eap":
-        prompts = scores(np.zeros(n_src), jnp.zeros(1, change.dtype))
+        values = scores(None, None, jnp.zeros(1, jnp.float32))
     elif method == "eap_ig_inputs":
-        prompts = scores(np.arange(n_src) == 0, midpoints)
+        values = scores("hook_embed", None, midpoints)
     else:
-        prompts = sum(scores(group, midpoints) * group[None, :, None, *((None,) if by_pos else ())]
-                      for group in _source_groups(runs.graph))
-    exists = runs.graph.exists[..., None] if by_pos else runs.graph.exists
-    prompts = np.where(exists[None], prompts, np.nan)
-    return runs.results(method, prompts.mean(0), prompts if per_prompt else None,
-                        time.perf_counter() - start,
-                        edge_method_cost(method, model.config.n_layers, int(steps)))
+        values = 0.0
+        for site, layer, rows in _moves(cfg):
+            keep = np.isin(np.arange(len(graph.sources)), rows)
+            keep = keep[None] if per_prompt else keep
+            values = values + scores(site, layer, midpoints) * keep.reshape(
+                keep.shape + (1,) * (2 if by_pos else 1))
+    exists = graph.exists[..., None] if by_pos else graph.exists
+    values = np.where(exists[None] if per_prompt else exists, values, np.nan)
+    mean = values.mean(0) if per_prompt else values / task.batch
+    base_metric = np.asarray(metric_fn(_reference_answer(reference, direction), task, reference))
+    source_metric = np.asarray(metric_fn(_reference_answer(reference, _other(direction)), task,
+                                         reference))
+    check_finite_metrics(base_metric, source_metric)
+    return EdgeResults(method, direction, metric_name, graph.sources, graph.destinations, mean,
+                       float(base_metric.mean()), float(source_metric.mean()),
+                       values if per_prompt else None, time.perf_counter() - start,
+                       edge_method_cost(method, cfg.n_layers, int(steps)))
+
+
+def _reference_answer(reference, direction: str):
+    """The unpatched base run's answer logits (corrupted for denoise, clean for noise)."""
+    return reference.corrupt_logits if direction == "denoise" else reference.clean_logits
+
+
+def _other(direction: str) -> str:
+    return "noise" if direction == "denoise" else "denoise"
 
 
 # ----------------------------------------------------------------------------------------------

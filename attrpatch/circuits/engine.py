@@ -1,11 +1,11 @@
 """The edge engine: one forward in which every destination reads its own copy of the residual
-stream.
+stream (exact edge patching; the gradient estimates use the ordinary forward).
 
-Destination ``d`` reads ``resid + sum_s patched[s, d] * (source_value_s - current_s)`` (plus an
-offset): the residual stream of this run, with the listed edges carrying the source run's value
-of their source instead of this run's. Every unlisted edge carries what its source computes in
-this run, so all edges listed reproduce the source run, none the base run, and all edges leaving
-one node equal patching that node. Shapes below: ``S`` sources, ``Dst`` destinations (layout in
+Destination ``d`` reads ``resid + sum_s patched[s, d] * (source_value_s - current_s)``: the
+residual stream of this run, with the listed edges carrying the source run's value of their
+source instead of this run's. Every unlisted edge carries what its source computes in this run,
+so all edges listed reproduce the source run, none the base run, and all edges leaving one node
+equal patching that node. Shapes below: ``S`` sources, ``Dst`` destinations (layout in
 :mod:`attrpatch.circuits.graph`), ``B`` prompts, ``T`` positions, ``D`` d_model.
 """
 
@@ -26,19 +26,12 @@ class EdgeEdit(NamedTuple):
 
     - `patched` ``[S, Dst, T]`` (0/1 per edge and position) with `source_values` ``[S, B, T, D]``
       (the source run's source outputs): the listed edges carry the source run's value.
-    - `offsets` ``[Dst, B, T, D]``: added to each destination's input (zeros, differentiated,
-      give dMetric/d(input of d): EAP's gradients).
-    - `frozen` ``[S]`` (0/1) with `frozen_values` ``[S, B, T, D]``: those sources' outputs are
-      replaced (integrated gradients move them along a line).
     - `one_destination` (int scalar) with `one_delta` ``[B, T, D]``: added to that destination's
       input only (one edge patched; cheaper than a `patched` mask).
     """
 
     patched: Float[Array, "S Dst T"] | None = None
     source_values: Float[Array, "S B T D"] | None = None
-    offsets: Float[Array, "Dst B T D"] | None = None
-    frozen: Float[Array, " S"] | None = None
-    frozen_values: Float[Array, "S B T D"] | None = None
     one_destination: Int[Array, ""] | None = None
     one_delta: Float[Array, "B T D"] | None = None
 
@@ -62,13 +55,6 @@ def edge_forward(params: dict, cfg, tokens: Int[Array, "B T"],
     untouched = lambda name, x: x  # noqa: E731  (no site interventions in the edge engine)
     outputs: list[Array] = []  # each [n, B, T, D], in source order
 
-    def settle(x: Array, first: int) -> Array:
-        """Sources ``first..first+n`` as this run has them (replaced where frozen)."""
-        if edit.frozen is None:
-            return x
-        w = edit.frozen[first:first + x.shape[0]].astype(x.dtype)[:, None, None, None]
-        return w * edit.frozen_values[first:first + x.shape[0]].astype(x.dtype) + (1 - w) * x
-
     def inputs(resid: Array, first: int, stop: int) -> Array:
         """Destinations ``first..stop``'s inputs ``[n, B, T, D]``."""
         x = jnp.broadcast_to(resid, (stop - first, *resid.shape))
@@ -78,14 +64,12 @@ def edge_forward(params: dict, cfg, tokens: Int[Array, "B T"],
             change = edit.source_values[:n].astype(current.dtype) - current
             weights = edit.patched[:n, first:stop].astype(current.dtype)
             x = x + jnp.einsum("sdt,sbtm->dbtm", weights, change)
-        if edit.offsets is not None:
-            x = x + edit.offsets[first:stop].astype(x.dtype)
         if edit.one_destination is not None:
             hit = (jnp.arange(first, stop) == edit.one_destination).astype(x.dtype)
             x = x + hit[:, None, None, None] * edit.one_delta.astype(x.dtype)
         return x
 
-    embedded = settle(T.embed(params, cfg, tokens, untouched)[None], 0)
+    embedded = T.embed(params, cfg, tokens, untouched)[None]
     outputs.append(embedded)
     resid = embedded[0]
     for layer in range(cfg.n_layers):
@@ -97,12 +81,11 @@ def edge_forward(params: dict, cfg, tokens: Int[Array, "B T"],
         z = T.mix(q, k, v, keep, consts["scale"][layer], cfg, untouched)
         heads = jnp.einsum("bqhe,hed->hbqd", z, p["W_O"])
         bias = p["b_O"] if cfg.attn_out_bias else 0.0
-        first = graph.attn_source_slice(layer).start
         if graph.head_sources:
-            attn = settle(heads, first)
+            attn = heads
             attn_write = attn.sum(0) + bias
         else:  # sandwich norm: the layer's normed output is the source
-            attn = settle(T.norm(heads.sum(0) + bias, p["ln1_post_w"], None, cfg)[None], first)
+            attn = T.norm(heads.sum(0) + bias, p["ln1_post_w"], None, cfg)[None]
             attn_write = attn[0]
         outputs.append(attn)
         if cfg.attn_only:
@@ -110,8 +93,7 @@ def edge_forward(params: dict, cfg, tokens: Int[Array, "B T"],
             continue
         read = resid if cfg.parallel_attn_mlp else resid + attn_write
         d = graph.mlp_destination_index(layer)
-        mlp_out = settle(T.mlp(p, cfg, inputs(read, d, d + 1)[0], untouched)[None],
-                         graph.mlp_source_index(layer))
+        mlp_out = T.mlp(p, cfg, inputs(read, d, d + 1)[0], untouched)[None]
         outputs.append(mlp_out)
         resid = resid + attn_write + mlp_out[0]
     last = len(graph.destinations) - 1
