@@ -82,11 +82,13 @@ _PATCH_INTERRUPTED = "patch: interrupted"
 
 
 def shipped_models_dir() -> Path:
-    """The shipped checkpoints: ``models/`` beside the package (or in the cwd)."""
-    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        if (root / "models" / DEFAULT_MODEL / "config.json").is_file():
-            return root / "models"
-    return Path(__file__).resolve().parent.parent / "models"
+    """The shipped checkpoints: ``attrpatch/models`` of an installed wheel, else ``models/`` of
+    the checkout the package runs from, else of the current directory."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "models", package.parent / "models", Path.cwd() / "models"):
+        if (candidate / DEFAULT_MODEL / "config.json").is_file():
+            return candidate
+    return package.parent / "models"
 
 
 def default_model_dir() -> Path:
