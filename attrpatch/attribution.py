@@ -54,6 +54,7 @@ from attrpatch.arch import transformer as T
 from attrpatch.interrupts import raise_if_interrupted
 from attrpatch.interventions import Interventions
 from attrpatch.model import Model
+from attrpatch.progress import progress_bar
 from attrpatch.results import (
     DIRECTIONS,
     ESTIMATORS,
@@ -362,6 +363,7 @@ def attribute(
     steps: int = 5,
     batch_size: int | None = None,
     mesh=None,
+    progress: bool = True,
 ) -> PatchResults:
     """Estimated patching effects of every component of the requested granularities.
 
@@ -391,6 +393,7 @@ def attribute(
     - `mesh`: a ``(data, model)`` `jax.sharding.Mesh` (:func:`attrpatch.make_mesh`) or None
       for one device. Prompts are split over ``data`` (a micro-batch is padded to a multiple of
       it), parameters over ``model`` (:mod:`attrpatch.sharding`).
+    - `progress`: a progress bar over the micro-batches (:mod:`attrpatch.progress`).
 
     **Returns:** :class:`attrpatch.PatchResults` with ``method`` set; ``scores[g].values`` has
     the granularity's axes (e.g. ``[layer, head]`` for ``z``) and is the batch mean of the
@@ -426,13 +429,16 @@ def attribute(
     advice = (f"{micro} prompts per micro-batch. Lower batch_size=, pass remat=True, or split the "
               "parameters over more devices (mesh=attrpatch.make_mesh(model=M)); "
               "attrpatch.attribution.attribute_memory says what a setting needs per device")
-    with out_of_memory_advice(advice):
+    with out_of_memory_advice(advice), progress_bar(n_micro, progress, method, "batch") as bar:
         for i in range(n_micro):
             raise_if_interrupted()
             rows = shard_leading(np.arange(i * micro, (i + 1) * micro, dtype=np.int32), mesh)
             parts.append(_estimate(model, task, rows, reference, first_diff, keys, granularities,
                                    direction, metric_fn, bool(per_prompt), bool(remat), method,
                                    int(steps), leading_sharding(mesh)))
+            if not bar.disable:  # a bar that means something: wait for this micro-batch
+                jax.block_until_ready(parts[-1])
+            bar.update(1)
         parts = to_host(parts)
     seconds = time.perf_counter() - start
     check_reference(metric_name, task, to_host(parts[0]["reference"]))

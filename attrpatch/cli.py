@@ -482,7 +482,7 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
                 t0 = time.perf_counter()
                 estimates[method] = attribute(model, task, granularities=granularities,
                                               direction=direction, metric=metric, method=method,
-                                              steps=steps, mesh=mesh)
+                                              steps=steps, mesh=mesh, progress=not quiet)
                 timings[f"{method}_s"] = round(time.perf_counter() - t0, 3)
                 raise_if_interrupted()
             primary = next(iter(estimates.values()), None)
@@ -506,7 +506,7 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
                 exact, until = verify_sequentially(model, task, primary, verify_until,
                                                     granularities=granularities, metric=metric,
                                                     max_verified=verify_budget, seed=seed,
-                                                    mesh=mesh)
+                                                    mesh=mesh, progress=not quiet)
                 timings["verify_s"] = round(time.perf_counter() - t0, 3)
             elif primary is not None and (verify_top or verify_random):
                 t0 = time.perf_counter()
@@ -528,7 +528,7 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
             if estimates and exact is not None:
                 t0 = time.perf_counter()
                 diagnostics = diagnose(model, task, granularities, direction, metric, thresholds,
-                                       mesh=mesh)
+                                       mesh=mesh, progress=not quiet)
                 timings["diagnose_s"] = round(time.perf_counter() - t0, 3)
                 raise_if_interrupted()
                 validations = {m: validate(r, exact, diagnostics, thresholds, tokens,
@@ -783,7 +783,7 @@ def cmd_circuit(args) -> int:
     out = Path(args.out)
     with _output_dir(out) as staging:
         summary = run_circuit(model, task, methods, sizes, staging, run, thresholds, args.how,
-                              args.direction, args.metric, args.steps)
+                              args.direction, args.metric, args.steps, progress=not args.quiet)
     print(f"{summary['run']['n_edges_graph']} edges; exact: {summary['run']['exact']}")
     for m, v in summary["validation"].items():
         a = v["agreement"]
@@ -869,7 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise (default: corrupted activations into the clean run, where AtP "
                         "fails on the shipped model's residual stream and first MLP) or denoise")
     d.add_argument("--threshold", action="append", metavar="NAME=VALUE", help=thr_help)
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--no-compile-cache", action="store_true", help=cache_help)
     d.set_defaults(func=cmd_demo)
 
@@ -909,7 +909,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the random verification sample")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--threshold", action="append", metavar="NAME=VALUE", help=thr_help)
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("--no-compile-cache", action="store_true", help=cache_help)
     s.add_argument("--mesh", default=None, metavar="data=D,model=M",
                    help="run on a device mesh: D-way over prompts and patched runs, M-way over "
@@ -956,6 +956,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the task's (logit_diff)")
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--threshold", action="append", metavar="NAME=VALUE", help=thr_help)
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--no-compile-cache", action="store_true", help=cache_help)
     c.set_defaults(func=cmd_circuit)
 

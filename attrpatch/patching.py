@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -45,6 +44,7 @@ from attrpatch.atomic import atomic_write
 from attrpatch.identity import UnidentifiableMetric, metric_identity
 from attrpatch.interrupts import raise_if_interrupted
 from attrpatch.interventions import NO_INTERVENTIONS, Interventions, Patch
+from attrpatch.progress import progress_bar
 from attrpatch.results import (
     DIRECTIONS,
     GRANULARITIES,
@@ -398,34 +398,6 @@ def top_neurons(results: PatchResults, k: int) -> list[tuple[int, int]]:
 # Progress and checkpoints
 
 
-class _Progress:
-    """Plain one-line progress bar with ETA on stderr, shown only once a sweep passes `delay` s."""
-
-    def __init__(self, total: float, enabled: bool, delay: float = 2.0):
-        self.total, self.delay = max(total, 1e-9), delay
-        self.enabled = enabled and sys.stderr.isatty()  # a log would fill with carriage returns
-        self.done, self.t0, self.last, self.shown = 0.0, time.perf_counter(), 0.0, False
-
-    def update(self, amount: float, label: str) -> None:
-        self.done += amount
-        now = time.perf_counter()
-        elapsed = now - self.t0
-        if not self.enabled or elapsed < self.delay or (now - self.last < 0.2 and self.done < self.total):
-            return
-        self.last, self.shown = now, True
-        frac = min(self.done / self.total, 1.0)
-        eta = elapsed * (1 - frac) / max(frac, 1e-9)
-        bar = "#" * int(30 * frac)
-        sys.stderr.write(
-            f"\rpatch [{bar:<30}] {100 * frac:5.1f}% {elapsed:6.1f}s ETA {eta:6.1f}s {label:<24}")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.shown:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def _fingerprint(model, task, direction, source, metric_fn, seed, neurons, corrupt_iv) -> str:
     """Hash of everything the effects depend on (model, prompts, metric, options)."""
     try:
@@ -547,7 +519,7 @@ def patch(
     - `batch_size`: variants run at once (memory ~ batch_size x one forward; at most
       ``ceil(variants / batch_size)`` calls per layer).
     - `per_prompt`: also return ``[prompt, *axes]`` effects.
-    - `progress`: progress bar with ETA on stderr (for sweeps longer than 2 s).
+    - `progress`: a progress bar with ETA on stderr (a terminal only; sweeps longer than 2 s).
     - `checkpoint_dir`: save each finished (granularity, layer) atomically; resume from them.
     - `corrupt_interventions`: the corrupted run is the clean tokens with these interventions
       (see :func:`gaussian_noise_corruption`) instead of `task.corrupt_tokens`.
@@ -689,7 +661,7 @@ def patch(
         else:
             atomic_write(meta_path, lambda f: f.write(json.dumps({"fingerprint": fp}).encode()))
 
-    bar = _Progress(total, progress)
+    bar = progress_bar(total, progress, "exact patching", unit="row-layer")
     interrupted = False
     try:
         for g, layer, grids, inert, chunks, work in plan:
@@ -697,7 +669,8 @@ def patch(
             ckpt = None if fp is None else os.path.join(checkpoint_dir, f"{g}.layer{layer}.npy")
             if ckpt is not None and os.path.exists(ckpt):
                 _fill(out[g], layer, grids, np.load(ckpt))
-                bar.update(work, f"{g} L{layer} (resumed)")
+                bar.set_postfix_str(f"{g} L{layer} (resumed)")
+                bar.update(work)
                 continue
             layer_pp = np.zeros((len(grids), task.batch))
             if chunks:
@@ -708,7 +681,8 @@ def patch(
                                                        chunks, base_cache, src_cache, keep_full,
                                                        cols, mesh)
                 layer_pp[variants] = metric_vals - base_pp[None]
-            bar.update(work, f"{g} L{layer}")
+            bar.set_postfix_str(f"{g} L{layer}")
+            bar.update(work)
             layer_pp[inert] = 0.0
             _fill(out[g], layer, grids, layer_pp)
             if ckpt is not None:

@@ -39,6 +39,7 @@ from scipy import stats
 from attrpatch.interrupts import raise_if_interrupted
 from attrpatch.interventions import Interventions
 from attrpatch.patching import patch
+from attrpatch.progress import progress_bar
 from attrpatch.results import (
     DIRECTIONS,
     ESTIMATORS,
@@ -410,7 +411,7 @@ def _metric_saturation(metric: str, direction: str, p_base, p_source, t: Thresho
 
 def diagnose(model, task, granularities: Sequence[str], direction: str = "denoise",
              metric=None, thresholds: Thresholds = Thresholds(), midpoint: bool = True,
-             mesh=None) -> Diagnostics:
+             mesh=None, progress: bool = True) -> Diagnostics:
     """Signals that explain AtP failures: two forwards and two backwards, plus (with `midpoint`)
     one backward per (site, layer) with that layer's whole site moved halfway to the source.
 
@@ -418,7 +419,8 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
     `direction`, `metric`); `thresholds` for the metric-saturation test and the nonlinearity
     floor; `midpoint=False` skips the midpoint gradients (`estimate_mid` is then the mean of the
     base and source estimates); `mesh`: as :func:`attrpatch.attribute` (parameters split over
-    ``model``; the prompts over ``data`` where it divides their number, else whole on each device).
+    ``model``; the prompts over ``data`` where it divides their number, else whole on each device);
+    `progress`: a progress bar over the midpoint backwards (:mod:`attrpatch.progress`).
 
     **Returns:** :class:`Diagnostics`.
     """
@@ -463,14 +465,18 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
     # Midpoint gradients: the base run with one layer's whole site moved halfway to the source.
     # (Same pytree structure as `zeros`, so `grad_fn` compiles once for all of them.)
     g_mid = {}
-    for k in grad_keys if midpoint else ():
-        half = 0.5 * (source_cache[k].astype(dtypes[k]) - base_cache[k].astype(dtypes[k]))
-        layers = []
-        for layer in range(half.shape[0]):
-            raise_if_interrupted()
-            deltas = dict(zeros, **{k: zeros[k].at[layer].set(half[layer])})
-            layers.append(np.asarray(to_host(grad_fn(deltas, base_tokens)[k][layer]), np.float64))
-        g_mid[k] = np.stack(layers)
+    n_mid = len(grad_keys) * model.config.n_layers if midpoint else 0
+    with progress_bar(n_mid, progress, "diagnose", unit="backward") as bar:
+        for k in grad_keys if midpoint else ():
+            half = 0.5 * (source_cache[k].astype(dtypes[k]) - base_cache[k].astype(dtypes[k]))
+            layers = []
+            for layer in range(half.shape[0]):
+                raise_if_interrupted()
+                deltas = dict(zeros, **{k: zeros[k].at[layer].set(half[layer])})
+                layers.append(np.asarray(to_host(grad_fn(deltas, base_tokens)[k][layer]),
+                                         np.float64))
+                bar.update(1)
+            g_mid[k] = np.stack(layers)
     base_metric = float(to_host(metric_fn(base_logits, task, reference)).mean())
     gap = float(to_host(metric_fn(source_logits, task, reference)).mean()) - base_metric
 
@@ -1401,7 +1407,7 @@ def verify_until(model, task, estimate: PatchResults, threshold: float = 0.05,
                  confidence: float = 0.95, granularities: Sequence[str] | None = None,
                  metric=None, batch: int = 16, max_verified: int | None = None, seed: int = 0,
                  n_random: int | None = None, max_exceptions: int | None = None, mesh=None,
-                 ) -> tuple[PatchResults, dict[str, UntilReport]]:
+                 progress: bool = True) -> tuple[PatchResults, dict[str, UntilReport]]:
     """Exact-patch components in the estimator's order until the unverified ones are bounded.
 
     Per granularity (each is its own population of components, with its own statement,
@@ -1416,7 +1422,7 @@ def verify_until(model, task, estimate: PatchResults, threshold: float = 0.05,
     See :func:`sequential_verification` for the statistics.
 
     `metric`: the metric function when `estimate` used a custom callable (None: its name);
-    `mesh`: as :func:`attrpatch.patch`.
+    `mesh`: as :func:`attrpatch.patch`; `progress`: a bar counting the exact patches.
 
     **Returns:** ``(exact, reports)``: ``method="exact"`` :class:`attrpatch.PatchResults`, NaN
     where unverified, and an :class:`UntilReport` per granularity, whose `sentence` states the
@@ -1431,15 +1437,20 @@ def verify_until(model, task, estimate: PatchResults, threshold: float = 0.05,
     for g in granularities:
         shape = np.shape(estimate[g])
         runs = []
+        bar = progress_bar(max_verified or int(np.prod(shape)), progress, f"verify {g}",
+                           unit="patch")
 
-        def effects_of(flat, g=g, shape=shape, runs=runs):
+        def effects_of(flat, g=g, shape=shape, runs=runs, bar=bar):
             idx = np.stack(np.unravel_index(np.asarray(flat, int), shape), -1)
             eff, b, s = exact_components(model, task, g, idx, estimate.direction, metric, mesh)
             runs.append((b, s))
+            bar.update(len(idx))
             return eff
 
-        res = sequential_verification(estimate.ranking(g).ravel(), effects_of, limit, confidence,
-                                      batch, n_random, max_verified, seed, max_exceptions)
+        with bar:
+            res = sequential_verification(estimate.ranking(g).ravel(), effects_of, limit,
+                                          confidence, batch, n_random, max_verified, seed,
+                                          max_exceptions)
         if runs:
             base, source = runs[-1]
         scores[g] = Scores(g, res.effects.reshape(shape))

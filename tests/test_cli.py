@@ -4,6 +4,7 @@ and bad input (clear error, exit code 2, nothing written)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -513,3 +514,19 @@ def test_compiled_once_across_runs(ckpt, npz_data, tmp_path):
     subprocess.run([*args, "--no-compile-cache", "--out", str(tmp_path / "c")], env=env,
                    check=True, capture_output=True)
     assert not (tmp_path / "off").exists()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bars_show_on_a_terminal_only_and_quiet_silences_them(monkeypatch):
+    from attrpatch.progress import progress_bar
+
+    for terminal, enabled, shown in ((True, True, True), (True, False, False), (False, True, False)):
+        err = _Terminal() if terminal else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        with progress_bar(3, enabled, "exact edges", unit="edge", delay=0) as bar:
+            bar.update(3)
+        assert ("exact edges" in err.getvalue()) == shown, (terminal, enabled)

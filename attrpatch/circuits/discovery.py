@@ -19,6 +19,7 @@ import numpy as np
 from attrpatch.circuits.edges import EdgeResults, _Runs, patch_edges_each
 from attrpatch.interrupts import raise_if_interrupted
 from attrpatch.model import Model
+from attrpatch.progress import progress_bar
 from attrpatch.task import MetricFn, Task
 from attrpatch.validation import (
     Thresholds,
@@ -129,14 +130,14 @@ class FaithfulnessPoint:
 
 def faithfulness_curve(model: Model, task: Task, scores: dict[str, EdgeResults],
                        sizes: Sequence[int], how: str = "top", direction: str | None = None,
-                       metric: str | MetricFn | None = None, complement: bool = False
-                       ) -> list[FaithfulnessPoint]:
+                       metric: str | MetricFn | None = None, complement: bool = False,
+                       progress: bool = True) -> list[FaithfulnessPoint]:
     """Faithfulness of each method's circuit at each size, by exact edge patching.
 
     `scores`: method name -> :class:`EdgeResults` (say EAP, EAP-IG and exact single-edge
     effects); `sizes`: numbers of edges; `direction` defaults to the scores' own. With
     `complement`, every edge *outside* the circuit is patched (EAP-IG's convention when
-    `direction` is ``"noise"``). One forward per (method, size).
+    `direction` is ``"noise"``). One forward per (method, size); `progress`: a bar over them.
     """
     if not scores:
         raise ValueError("scores is empty: give {method: EdgeResults}")
@@ -145,15 +146,17 @@ def faithfulness_curve(model: Model, task: Task, scores: dict[str, EdgeResults],
     runs = _Runs.of(model, task, direction, metric if metric is not None else first.metric)
     base, source = float(runs.base_metric.mean()), float(runs.source_metric.mean())
     out = []
-    for method, result in scores.items():
-        for n in sizes:
-            raise_if_interrupted()
-            edges = find_circuit(result, n_edges=int(n), how=how)
-            mask = runs.graph.mask_of(edges, task.n_pos if result.by_pos else None)
-            if complement:
-                mask = np.where(runs.graph.exists[..., None], 1.0 - mask, 0.0).astype(np.float32)
-            m = float(runs.metric_with(mask).mean())
-            out.append(FaithfulnessPoint(method, int(n), (m - base) / (source - base), m))
+    with progress_bar(len(scores) * len(sizes), progress, "faithfulness", unit="circuit") as bar:
+        for method, result in scores.items():
+            for n in sizes:
+                raise_if_interrupted()
+                edges = find_circuit(result, n_edges=int(n), how=how)
+                mask = runs.graph.mask_of(edges, task.n_pos if result.by_pos else None)
+                if complement:
+                    mask = np.where(runs.graph.exists[..., None], 1.0 - mask, 0.0).astype(np.float32)
+                m = float(runs.metric_with(mask).mean())
+                out.append(FaithfulnessPoint(method, int(n), (m - base) / (source - base), m))
+                bar.update(1)
     return out
 
 
@@ -240,7 +243,7 @@ def validate_edges(estimate: EdgeResults, exact: EdgeResults,
 
 def verify_edges(model: Model, task: Task, estimate: EdgeResults, n_top: int = 50,
                  n_random: int = 50, seed: int = 0, metric: str | MetricFn | None = None,
-                 chunk_size: int = 16) -> EdgeResults:
+                 chunk_size: int = 16, progress: bool = True) -> EdgeResults:
     """Exact single-edge effects of the estimate's `n_top` edges by |score| and `n_random` more
     drawn uniformly from the rest (all edges when that is fewer): a verification worth its
     cost where the whole graph is too big to patch edge by edge."""
@@ -251,5 +254,5 @@ def verify_edges(model: Model, task: Task, estimate: EdgeResults, n_top: int = 5
     edges = top + [rest[i] for i in sorted(pick)]
     return patch_edges_each(model, task, edges, estimate.direction,
                             estimate.metric if metric is None else metric,
-                            by_pos=estimate.by_pos, chunk_size=chunk_size)
+                            by_pos=estimate.by_pos, chunk_size=chunk_size, progress=progress)
 

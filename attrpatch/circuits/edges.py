@@ -38,6 +38,7 @@ from attrpatch.circuits.graph import EdgeGraph
 from attrpatch.interrupts import raise_if_interrupted
 from attrpatch.interventions import Interventions, Patch
 from attrpatch.model import Model
+from attrpatch.progress import progress_bar
 from attrpatch.results import DIRECTIONS
 from attrpatch.task import MetricFn, Task, check_finite_metrics, resolve_metric
 
@@ -279,7 +280,8 @@ def _moves(cfg) -> list[tuple[str, int | None, list[int]]]:
 
 def attribute_edges(model: Model, task: Task, method: str = "eap", steps: int = 5,
                     direction: str = "denoise", metric: str | MetricFn | None = None,
-                    by_pos: bool = False, per_prompt: bool = False) -> EdgeResults:
+                    by_pos: bool = False, per_prompt: bool = False, progress: bool = True
+                    ) -> EdgeResults:
     """Estimated effect of patching each edge alone, for every edge of the model's graph.
 
     **Arguments:**
@@ -291,6 +293,7 @@ def attribute_edges(model: Model, task: Task, method: str = "eap", steps: int = 
     - `metric`: a name from :data:`attrpatch.METRICS`, a function, or None (the task's).
     - `by_pos`: one score per (source, destination, position): the edge at one position only.
     - `per_prompt`: also return per-prompt scores.
+    - `progress`: a progress bar over the backwards (:mod:`attrpatch.progress`).
 
     **Returns:** :class:`EdgeResults`, ``scores`` ``[n_sources, n_destinations]`` (NaN where
     there is no edge).
@@ -311,24 +314,21 @@ def attribute_edges(model: Model, task: Task, method: str = "eap", steps: int = 
     base_cache, source_cache = _cache(model, task, base, keys), _cache(model, task, source, keys)
     midpoints = jnp.asarray((np.arange(steps) + 0.5) / steps, jnp.float32)
 
-    def scores(moved, layer, alphas):
-        raise_if_interrupted()
-        at = np.zeros(cfg.n_layers, bool) if layer is None else np.arange(cfg.n_layers) == layer
-        return np.asarray(_gradient_scores(
-            model, task, reference, base, base_cache, source_cache, jnp.asarray(at), alphas,
-            metric_fn, moved, bool(by_pos), bool(per_prompt)))
-
-    if method == "eap":
-        values = scores(None, None, jnp.zeros(1, jnp.float32))
-    elif method == "eap_ig_inputs":
-        values = scores("hook_embed", None, midpoints)
-    else:
-        values = 0.0
-        for site, layer, rows in _moves(cfg):
-            keep = np.isin(np.arange(len(graph.sources)), rows)
+    moves = (_moves(cfg) if method == "eap_ig_activations" else
+             [("hook_embed" if method == "eap_ig_inputs" else None, None, range(len(graph.sources)))])
+    alphas = jnp.zeros(1, jnp.float32) if method == "eap" else midpoints
+    values = 0.0
+    with progress_bar(len(moves) * len(alphas), progress, method, unit="backward") as bar:
+        for site, layer, rows in moves:
+            raise_if_interrupted()
+            at = np.zeros(cfg.n_layers, bool) if layer is None else np.arange(cfg.n_layers) == layer
+            part = np.asarray(_gradient_scores(
+                model, task, reference, base, base_cache, source_cache, jnp.asarray(at), alphas,
+                metric_fn, site, bool(by_pos), bool(per_prompt)))
+            keep = np.isin(np.arange(len(graph.sources)), list(rows))  # this move's sources
             keep = keep[None] if per_prompt else keep
-            values = values + scores(site, layer, midpoints) * keep.reshape(
-                keep.shape + (1,) * (2 if by_pos else 1))
+            values = values + part * keep.reshape(keep.shape + (1,) * (2 if by_pos else 1))
+            bar.update(len(alphas))
     exists = graph.exists[..., None] if by_pos else graph.exists
     values = np.where(exists[None] if per_prompt else exists, values, np.nan)
     mean = values.mean(0) if per_prompt else values / task.batch
@@ -390,13 +390,14 @@ def _single_edge_metrics(model, task, reference, tokens, destinations, deltas, m
 
 def patch_edges_each(model: Model, task: Task, edges: Iterable[Sequence] | None = None,
                      direction: str = "denoise", metric: str | MetricFn | None = None,
-                     by_pos: bool = False, chunk_size: int = 16) -> EdgeResults:
+                     by_pos: bool = False, chunk_size: int = 16, progress: bool = True
+                     ) -> EdgeResults:
     """Exact effect of patching each edge alone (path patching), batched `chunk_size` edges per
     compiled call.
 
     `edges`: (source, destination) pairs or, with `by_pos`, (source, destination, position)
     triples; None for every edge of the graph (every position too, with `by_pos`). An edge's
-    effect is the patched batch metric minus the base run's.
+    effect is the patched batch metric minus the base run's. `progress`: a progress bar.
 
     **Returns:** :class:`EdgeResults` with ``method="exact"``, NaN where not patched.
     """
@@ -422,22 +423,24 @@ def patch_edges_each(model: Model, task: Task, edges: Iterable[Sequence] | None 
     scores = np.full(shape, np.nan)
     prompts = np.full((task.batch, *shape), np.nan)
     change = runs.source_outputs - runs.base_outputs
-    for first in range(0, len(listed), chunk_size):
-        raise_if_interrupted()
-        chunk = listed[first:first + chunk_size]
-        padded = chunk + [chunk[-1]] * (chunk_size - len(chunk))  # one compiled shape
-        src = np.array([s for s, _, _ in padded])
-        at = np.ones((len(padded), n_pos), np.float32)
-        for i, (_, _, p) in enumerate(padded):
-            if p is not None:
-                at[i] = np.arange(n_pos) == p
-        deltas = change[src] * jnp.asarray(at, change.dtype)[:, None, :, None]
-        metrics = np.asarray(_single_edge_metrics(
-            model, task, runs.reference, runs.base_tokens, jnp.asarray([d for _, d, _ in padded]),
-            deltas, runs.metric_fn))[: len(chunk)]
-        for (s, d, p), m in zip(chunk, metrics, strict=True):
-            idx = (s, d) if p is None else (s, d, p)
-            prompts[(slice(None), *idx)] = m - runs.base_metric
-            scores[idx] = float((m - runs.base_metric).mean())
+    with progress_bar(len(listed), progress, "exact edges", unit="edge") as bar:
+        for first in range(0, len(listed), chunk_size):
+            raise_if_interrupted()
+            chunk = listed[first:first + chunk_size]
+            padded = chunk + [chunk[-1]] * (chunk_size - len(chunk))  # one compiled shape
+            src = np.array([s for s, _, _ in padded])
+            at = np.ones((len(padded), n_pos), np.float32)
+            for i, (_, _, p) in enumerate(padded):
+                if p is not None:
+                    at[i] = np.arange(n_pos) == p
+            deltas = change[src] * jnp.asarray(at, change.dtype)[:, None, :, None]
+            metrics = np.asarray(_single_edge_metrics(
+                model, task, runs.reference, runs.base_tokens, jnp.asarray([d for _, d, _ in padded]),
+                deltas, runs.metric_fn))[: len(chunk)]
+            for (s, d, p), m in zip(chunk, metrics, strict=True):
+                idx = (s, d) if p is None else (s, d, p)
+                prompts[(slice(None), *idx)] = m - runs.base_metric
+                scores[idx] = float((m - runs.base_metric).mean())
+            bar.update(len(chunk))
     return runs.results("exact", scores, prompts, time.perf_counter() - start,
                         2.0 + len(listed))

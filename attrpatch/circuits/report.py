@@ -110,25 +110,29 @@ def faithfulness_figure(points: Sequence[FaithfulnessPoint], n_edges: int, path:
 def run_circuit(model, task, methods: Sequence[str], sizes: Sequence[int] | None, out_dir: Path,
                 run: dict, thresholds: Thresholds = DEFAULT_THRESHOLDS, how: str = "top",
                 direction: str = "denoise", metric=None, steps: int = 5, max_exact: int = 2000,
-                verify_top: int = 100, verify_random: int = 100, seed: int = 0) -> dict:
+                verify_top: int = 100, verify_random: int = 100, seed: int = 0,
+                progress: bool = True) -> dict:
     """Score every edge with each method, check against exact single-edge patching (all edges
     when there are at most `max_exact`, else the first method's `verify_top` edges and
     `verify_random` more), draw faithfulness curves, and write every file into `out_dir` (an
-    existing, empty directory). Returns the summary (also ``summary.json``)."""
+    existing, empty directory); `progress`: progress bars. Returns the summary (also
+    ``summary.json``)."""
     graph = EdgeGraph(model.config)
-    scores = {m: attribute_edges(model, task, m, steps=steps, direction=direction, metric=metric)
-              for m in methods}
+    scores = {m: attribute_edges(model, task, m, steps=steps, direction=direction, metric=metric,
+                                 progress=progress) for m in methods}
     first = scores[methods[0]]
     full = graph.n_edges <= max_exact
-    exact = (patch_edges_each(model, task, direction=direction, metric=metric, chunk_size=32)
-             if full else verify_edges(model, task, first, verify_top, verify_random, seed, metric))
+    exact = (patch_edges_each(model, task, direction=direction, metric=metric, chunk_size=32,
+                              progress=progress)
+             if full else verify_edges(model, task, first, verify_top, verify_random, seed, metric,
+                                       progress=progress))
     validations = {m: validate_edges(r, exact, {o: s for o, s in scores.items() if o != m}, thresholds)
                    for m, r in scores.items()}
     if sizes is None:
         sizes = sorted({max(1, round(graph.n_edges * f)) for f in (0.05, 0.1, 0.2, 0.5)})
     sizes = [min(int(n), graph.n_edges) for n in sizes]
     curves = faithfulness_curve(model, task, scores | ({"exact": exact} if full else {}), sizes,
-                                how, direction, metric)
+                                how, direction, metric, progress=progress)
     circuit = find_circuit(first, n_edges=sizes[0], how=how)
 
     _write_edges_csv(out_dir / "edges.csv", scores, exact)
