@@ -652,7 +652,8 @@ def cmd_demo(args) -> int:
     grans = list(available_granularities(model.config, sites_to_granularities(DEMO_SITES)))
     thresholds = parse_thresholds(args.threshold)
     run = {"command": _command(), "subcommand": "demo", "model": str(model_dir),
-           "data": "attrpatch_task.json", "direction": args.direction, "metric": task.metric,
+           "data": str(model_dir / "attrpatch_task.json"), "out": str(args.out),
+           "direction": args.direction, "metric": task.metric,
            "methods": ",".join(DEMO_METHODS), "granularities": ",".join(grans),
            "n_prompts": task.batch, "n_pos": task.n_pos}
     out = Path(args.out)
@@ -725,7 +726,8 @@ def cmd_scan(args) -> int:
     except DataError as e:
         raise CLIError(str(e)) from e
     run = {"command": _command(), "subcommand": "scan", "model": str(args.model),
-           "data": str(args.data), "direction": args.direction, "metric": args.metric,
+           "data": str(args.data), "out": str(args.out), "direction": args.direction,
+           "metric": args.metric,
            "methods": ",".join(methods), "granularities": ",".join(grans),
            "n_prompts": task.batch, "n_pos": task.n_pos, "prepend_bos": args.prepend_bos,
            "verify_top": args.verify_top,
@@ -777,7 +779,7 @@ def cmd_circuit(args) -> int:
     except (DataError, FileNotFoundError, ValueError) as e:
         raise CLIError(str(e)) from e
     run = {"command": _command(), "subcommand": "circuit", "model": str(model_dir),
-           "data": str(args.data or "attrpatch_task.json"), "direction": args.direction,
+           "data": str(args.data or model_dir / "attrpatch_task.json"), "direction": args.direction,
            "metric": args.metric or task.metric, "methods": ",".join(methods), "steps": args.steps,
            "n_prompts": task.batch, "n_pos": task.n_pos}
     out = Path(args.out)

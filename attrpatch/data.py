@@ -10,6 +10,8 @@ Accepted formats (chosen by content, not only by suffix):
   tokenised with the model directory's ``tokenizer.json``.
 - **auto-circuit** prompts: ``{"prompts": [{"clean", "corrupt", "answers", "wrong_answers"}]}``
   (lists of answer strings; every prompt must have the same number of each).
+- a shipped model's **task description**, ``<model>/attrpatch_task.json`` (the task the model's
+  card and `attrpatch demo` use).
 
 Each answer must be exactly one token; clean and corrupt prompts must tokenise to the same
 length (prompts of different lengths are right-padded with an attention mask).
@@ -66,7 +68,9 @@ def load_task(path: str | os.PathLike, model=None, model_dir: str | os.PathLike 
             task = _from_arrays(arrays, path, metric)
         elif suffix in (".json", ".jsonl", ".csv", ".tsv"):
             records = _read_records(path, suffix)
-            if isinstance(records, dict) and "prompts" not in records:
+            if isinstance(records, dict) and {"task", "args"} <= set(records):
+                task = _from_task_spec(path, metric)
+            elif isinstance(records, dict) and "prompts" not in records:
                 task = _from_arrays(records, path, metric)
             else:
                 prompts = records["prompts"] if isinstance(records, dict) else records
@@ -85,6 +89,18 @@ def load_task(path: str | os.PathLike, model=None, model_dir: str | os.PathLike 
         except ValueError as e:
             raise DataError(f"{path}: {e}") from e
     return task
+
+
+def _from_task_spec(path: Path, metric: str) -> Task:
+    """A shipped model's task file (``attrpatch_task.json``, with its ``tokenizer.json`` beside)."""
+    from attrpatch.tasks import TASK_FILE, task_for_model
+
+    if path.name != TASK_FILE:
+        raise DataError(f"{path}: a task description ({{'task', 'args'}}) must be named {TASK_FILE} "
+                        "and sit in its model's directory")
+    t = task_for_model(path.parent)
+    return Task(t.clean_tokens, t.corrupt_tokens, t.correct_tokens, t.incorrect_tokens,
+                t.attention_mask, metric)
 
 
 def _read_records(path: Path, suffix: str):

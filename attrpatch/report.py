@@ -5,8 +5,10 @@ vs exact patching.
   scale centred on zero, labelled axes (token strings where given).
 - :func:`scatter_figure`: one site family, AtP against exact with the y = x line, flagged
   components marked and the worst labelled.
-- :func:`write_report`: ``report.html`` with every figure base64-embedded, a verdict per family,
-  the flags table sorted by severity, and the run settings.
+- :func:`write_report`: ``report.html``: a verdict per family (with what drives it, and the
+  command that verifies an unreliable family exactly), the flags table sorted by severity, the
+  estimators side by side, heatmaps whose cells show their values on hover, the scatters
+  (base64-embedded), and the run settings and thresholds last.
 """
 
 from __future__ import annotations
@@ -199,7 +201,10 @@ table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;
 font-size:13px;text-align:left}th{background:#f3f3f3}img{max-width:100%;margin:0.5em 0}
 .reliable{color:#1a7f37;font-weight:600}.caution{color:#b35900;font-weight:600}
 .unreliable{color:#c62828;font-weight:600}.high{background:#fde0e0}.medium{background:#fff3d6}
-code{background:#f5f5f5;padding:1px 3px}"""
+code{background:#f5f5f5;padding:1px 3px}
+.heatmap{display:flex;gap:2em;flex-wrap:wrap}
+table.heat td{width:14px;height:14px;padding:0;border:1px solid #fff}
+table.heat th{font-size:10px;padding:1px 3px;font-weight:normal}table.heat caption{font-weight:600}"""
 
 
 def _comparison_table(comparison: dict, estimators: dict) -> str:
@@ -229,17 +234,82 @@ def _comparison_table(comparison: dict, estimators: dict) -> str:
     return "".join(h)
 
 
+def verify_command(run: dict, family: str, granularities: Sequence[str], estimator: str) -> str:
+    """The command that exact-patches every component of one site family of this run."""
+    out = str(run.get("out") or "attrpatch-out").rstrip("/")
+    slug = family.replace(" ", "-").replace("/", "")
+    parts = ["attrpatch scan", f"--model {run.get('model')}", f"--data {run.get('data')}",
+             f"--sites {','.join(granularities)}", f"--methods {estimator},exact",
+             f"--direction {run.get('direction')}", f"--metric {run.get('metric') or 'logit_diff'}",
+             f"--out {out}-verify-{slug}"]
+    return " ".join(parts)
+
+
+HOVER_MAX_CELLS = 4096  # larger grids: the PNG only (every value is in results.csv)
+
+
+def _colour(value: float, vmax: float) -> str:
+    """Diverging blue-white-red for `value` in [-vmax, vmax]; grey for NaN."""
+    if not np.isfinite(value):
+        return "#dddddd"
+    x = max(-1.0, min(1.0, value / vmax))
+    fade = lambda c: int(255 - (255 - c) * abs(x))  # noqa: E731
+    r, g, b = (178, 24, 43) if x > 0 else (33, 102, 172)
+    return f"#{fade(r):02x}{fade(g):02x}{fade(b):02x}"
+
+
+def hover_heatmap(granularity: str, panels: dict[str, np.ndarray], tokens=None,
+                  flags: np.ndarray | None = None) -> str:
+    """HTML heatmaps of one granularity, one table per panel (estimate, exact) on one colour
+    scale centred on 0; hovering a cell shows its component and every panel's value there."""
+    axes = GRANULARITIES[granularity][1]
+    views = {name: _grid_2d(v, axes, tokens) for name, v in panels.items()}
+    first = next(iter(views.values()))
+    grid, ylab, xlab, yticks, xticks, note = first
+    finite = np.concatenate([np.ravel(v[0])[np.isfinite(np.ravel(v[0]))] for v in views.values()]
+                            + [np.zeros(1)])
+    vmax = float(np.abs(finite).max()) or 1.0
+    flag_view = None if flags is None else _grid_2d((np.asarray(flags) != "").astype(float),
+                                                    axes, tokens)[0]
+    xticks = xticks or [str(i) for i in range(grid.shape[1])]
+    html_ = ["<div class='heatmap'>"]
+    for name, (values, *_rest) in views.items():
+        rows = [f"<table class='heat'><caption>{html.escape(name)}: {granularity}{note}</caption>"
+                f"<tr><th>{html.escape(ylab)} \\ {html.escape(xlab)}</th>"
+                + "".join(f"<th>{html.escape(str(x))}</th>" for x in xticks) + "</tr>"]
+        for r, label in enumerate(yticks):
+            cells = []
+            for c in range(values.shape[1]):
+                tip = f"{granularity} {label}, {xlab} {xticks[c]}: " + ", ".join(
+                    f"{n} {v[0][r, c]:+.4g}" for n, v in views.items())
+                box = " style='outline:2px solid #000'" if (
+                    flag_view is not None and flag_view[r, c] > 0) else ""
+                cells.append(f"<td title='{html.escape(tip, quote=True)}' "
+                             f"bgcolor='{_colour(values[r, c], vmax)}'{box}></td>")
+            rows.append(f"<tr><th>{html.escape(str(label))}</th>{''.join(cells)}</tr>")
+        html_.append("".join(rows) + "</table>")
+    return "".join(html_) + "</div>"
+
+
+def _saved_arrays(out_dir: Path) -> dict[str, np.ndarray]:
+    """``results.npz`` of an output directory (empty if absent)."""
+    path = out_dir / "results.npz"
+    if not path.is_file():
+        return {}
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
 def write_report(out_dir: str | Path, summary: dict, figures: Sequence[Path],
                  validation: Validation | None) -> Path:
-    """Write ``report.html`` (self-contained: figures embedded) into `out_dir`."""
+    """Write ``report.html`` (self-contained: figures embedded) into `out_dir`: verdicts, what
+    drives each (with the command that verifies an unreliable family exactly) and flags first;
+    the estimators compared; verification; hoverable heatmaps and the scatter plots; the run
+    settings and thresholds last. Heatmap values come from ``results.npz`` in `out_dir`."""
     out_dir = Path(out_dir)
     h = ["<!doctype html><html><head><meta charset='utf-8'><title>attrpatch report</title>",
          f"<style>{CSS}</style></head><body><h1>attrpatch report</h1>"]
     run = summary.get("run", {})
-    h.append("<h2>Run settings</h2><table>")
-    for k, v in run.items():
-        h.append(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>")
-    h.append("</table>")
     if validation is not None:
         t = validation.thresholds
         recalls = recall_keys(t)
@@ -264,15 +334,14 @@ def write_report(out_dir: str | Path, summary: dict, figures: Sequence[Path],
             for fam, items in validation.drivers.items():
                 h.append(f"<li><b>{html.escape(fam)}</b>: " + "; ".join(
                     f"<code>{html.escape(d['label'])}</code> ({name} {d['estimate']:+.3g}, exact "
-                    f"{d['exact']:+.3g}: {html.escape(d['why'])})" for d in items)
-                    + "</li>")
+                    f"{d['exact']:+.3g}: {html.escape(d['why'])})" for d in items))
+                if validation.verdicts[fam] == "unreliable":
+                    grans = [g for g in FAMILIES[fam] if g in validation.by_granularity]
+                    h.append("<br>Verify every component of this family exactly: <code>"
+                             + html.escape(verify_command(run, fam, grans, validation.estimator))
+                             + "</code>")
+                h.append("</li>")
             h.append("</ul>")
-        h.append(f"<p>gap (source - base metric) = {validation.gap:.4g}; effects compared in units "
-                 f"of {validation.unit:.4g}. Reliable: Pearson &ge; {t.reliable_pearson} and no "
-                 f"high-severity flag, or every |{name} - exact| below {t.small:g} of the unit and "
-                 f"no flag; caution: Pearson &ge; {t.caution_pearson}; else unreliable; n/a: no "
-                 f"component of the family verified. Diagnosed causes use these thresholds "
-                 f"(re-validation recomputes them from the saved raw diagnostics).</p>")
         h.append(f"<h2>Flags ({len(validation.flags)}), by severity</h2>")
         if validation.flags:
             h.append(f"<table><tr><th>component</th><th>kind</th><th>severity</th><th>{name}</th>"
@@ -288,6 +357,12 @@ def write_report(out_dir: str | Path, summary: dict, figures: Sequence[Path],
                 h.append(f"<p>... and {len(validation.flags) - 200} more in results.csv.</p>")
         else:
             h.append("<p>No component flagged.</p>")
+        h.append(f"<p>gap (source - base metric) = {validation.gap:.4g}; effects compared in units "
+                 f"of {validation.unit:.4g}. Reliable: Pearson &ge; {t.reliable_pearson} and no "
+                 f"high-severity flag, or every |{name} - exact| below {t.small:g} of the unit and "
+                 f"no flag; caution: Pearson &ge; {t.caution_pearson}; else unreliable; n/a: no "
+                 f"component of the family verified. Diagnosed causes use the thresholds listed "
+                 f"at the end (re-validation recomputes them from the saved raw diagnostics).</p>")
     comparison, estimators = summary.get("comparison") or {}, summary.get("estimators") or {}
     if comparison and len(estimators) > 1:
         h.append(_comparison_table(comparison, estimators))
@@ -314,12 +389,29 @@ def write_report(out_dir: str | Path, summary: dict, figures: Sequence[Path],
                  "threshold (a large effect); 'est. missed' scales that share to all components "
                  "outside the top K, and '95% upper' is its Wilson upper bound: how many large "
                  "effects AtP may have ranked too low.</p>")
-    h.append("<h2>Figures</h2><p>Heatmaps: AtP and exact side by side on one colour scale "
-             "centred on zero (grey: not computed; boxes: flagged). Scatter plots: AtP against "
+    h.append("<h2>Figures</h2><p>Heatmaps: the primary estimator and exact side by side on one "
+             "colour scale centred on zero (red positive, blue negative, grey not computed, "
+             "outlined: flagged); hover a cell for its values. Scatter plots: the estimate against "
              "exact per site family; points on the dashed line agree; circled points are "
              "flagged.</p>")
+    arrays = _saved_arrays(out_dir)
+    primary = summary.get("primary")
     for p in figures:
-        h.append(f"<h3>{html.escape(Path(p).stem.replace('_', ' '))}</h3>{_img(p)}")
+        stem = Path(p).stem
+        granularity = stem.removeprefix("heatmap_")
+        panels = {label: arrays[key] for label, key in (
+            (estimator_label(primary or ""), f"{primary}/{granularity}"),
+            ("exact", f"exact/{granularity}")) if key in arrays}
+        h.append(f"<h3>{html.escape(stem.replace('_', ' '))}</h3>")
+        if stem.startswith("heatmap_") and panels and next(iter(panels.values())).size <= HOVER_MAX_CELLS:
+            flags = validation.flag_grids.get(granularity) if validation is not None else None
+            h.append(hover_heatmap(granularity, panels, summary.get("tokens"), flags))
+        else:
+            h.append(_img(p))
+    h.append("<h2>Run settings and thresholds</h2><table>")
+    for k, v in run.items():
+        h.append(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>")
+    h.append("</table>")
     h.append("<h2>Summary JSON</h2><details><summary>show</summary><pre>"
              + html.escape(json.dumps({k: v for k, v in summary.items() if k != "flags"},
                                       indent=1, default=str)[:20000])

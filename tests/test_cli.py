@@ -76,7 +76,8 @@ def _check_outputs(out: Path, methods=("atp", "exact"), grans=("z", "attn_out"))
     html = (out / "report.html").read_text()
     for ref in _report_refs(html):
         assert ref.startswith("data:image/png;base64,") or (out / ref).is_file(), ref
-    assert len(_report_refs(html)) == len(summary["figures"]) > 0
+    # every figure is in the report: an image, or a heatmap whose cells show values on hover
+    assert len(_report_refs(html)) + html.count("<div class='heatmap'>") == len(summary["figures"]) > 0
     for fig in summary["figures"]:
         assert (out / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return summary, rows, html
@@ -96,6 +97,9 @@ def test_scan_end_to_end_and_revalidate(ckpt, npz_data, tmp_path, capsys):
         assert fam in html and v["verdicts"][fam] in html
     assert summary["run"]["command"].startswith("attrpatch")
     assert summary["run"]["versions"]["jax"]
+    # what matters first, settings last; heatmap cells show their values on hover
+    assert (html.index("Verdict per site family") < html.index("Flags (")
+            < html.index("<div class='heatmap'>") < html.index("Run settings and thresholds"))
     # the csv effect column is the saved array, the normalised column effect / gap
     with np.load(out / "results.npz") as f:
         z = f["exact/z"]
@@ -530,3 +534,23 @@ def test_progress_bars_show_on_a_terminal_only_and_quiet_silences_them(monkeypat
         with progress_bar(3, enabled, "exact edges", unit="edge", delay=0) as bar:
             bar.update(3)
         assert ("exact edges" in err.getvalue()) == shown, (terminal, enabled)
+
+
+def test_verify_command_of_an_unreliable_family_runs(ckpt, tmp_path):
+    """The report's command for an unreliable family is a valid scan of exactly that family, and
+    a shipped model's task file is accepted as --data."""
+    import shlex
+
+    from attrpatch.cli import build_parser
+    from attrpatch.report import verify_command
+
+    run = {"model": str(ckpt), "data": str(ckpt / "attrpatch_task.json"), "out": str(tmp_path / "o"),
+           "direction": "noise", "metric": "logit_diff"}
+    command = verify_command(run, "q/k/v", ["q", "k"], "atp_star")
+    assert command.endswith(f"--out {tmp_path / 'o'}-verify-qkv")
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert (args.sites, args.methods, args.direction) == (["q,k"], ["atp_star,exact"], "noise")
+    args.out, args.quiet = str(tmp_path / "verify"), True
+    assert args.func(args) == 0
+    summary = json.loads((tmp_path / "verify" / "summary.json").read_text())
+    assert set(summary["exact"]["granularities"]) == {"q", "k"}
