@@ -33,6 +33,7 @@ from attrpatch import Model, Task, load_model, task_for_model
 from attrpatch.arch import ModelConfig
 from attrpatch.arch.transformer import init_params
 from attrpatch.atomic import atomic_write_json
+from attrpatch.attribution import _reference_logits
 from attrpatch.circuits import (
     EdgeGraph,
     attribute_edges,
@@ -40,7 +41,14 @@ from attrpatch.circuits import (
     faithfulness_curve,
     patch_edges_each,
 )
-from attrpatch.circuits.edges import _gradient_scores, _Runs
+from attrpatch.circuits.edges import (
+    _cache,
+    _destination_sites,
+    _gradient_scores,
+    _Runs,
+    _source_sites,
+)
+from attrpatch.task import METRICS
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {"ioi-gpt2-4l": {}, "ioi-llama-4l": {}, "attn-only-2l-induction": {"corrupt": "previous"}}
@@ -65,12 +73,12 @@ def gpt2_small_cost(batch: int, n_pos: int, steps: int) -> dict:
     forward_s = _warm(lambda: forward(model, task.corrupt_tokens).block_until_ready())
     eap_s = _warm(lambda: attribute_edges(model, task, "eap"))
     ig_s = _warm(lambda: attribute_edges(model, task, "eap_ig_inputs", steps=steps))
-    runs = _Runs.of(model, task, "denoise", None)
-    change = runs.source_outputs - runs.base_outputs
+    keys = tuple(sorted({*_destination_sites(cfg), *_source_sites(cfg), "ln_final.hook_normalized"}))
+    base, source = task.runs("denoise")
     compiled = _gradient_scores.lower(
-        model, task, runs.reference, runs.base_tokens, runs.base_outputs, change,
-        jnp.zeros(len(runs.graph.sources)), jnp.zeros(1), metric_fn=runs.metric_fn,
-        by_pos=False).compile()
+        model, task, _reference_logits(model, task), base, _cache(model, task, base, keys),
+        _cache(model, task, source, keys), jnp.zeros(cfg.n_layers, bool), jnp.zeros(1),
+        metric_fn=METRICS["logit_diff"], moved=None, by_pos=False, per_prompt=False).compile()
     memory = compiled.memory_analysis()
     graph = EdgeGraph(cfg)
     return {"n_edges": graph.n_edges, "n_sources": len(graph.sources),
