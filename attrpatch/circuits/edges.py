@@ -8,9 +8,12 @@
 | :func:`patch_edges` | the metric with exactly the listed edges patched | 1 per set (after 2) |
 | :func:`patch_edges_each` | each listed edge's exact effect (path patching) | 1 per edge (after 2) |
 
-Edge scores take every destination's gradient from one backward (each destination has its own
-copy of its residual input, :mod:`attrpatch.circuits.engine`), not one backward per edge.
-Summed over a source's outgoing edges, EAP is exactly the node AtP of that source.
+Edge scores take every destination's gradient from one ordinary forward and backward: the
+gradient at each destination's own first site (its query, key or value head, the MLP's first
+projection, the final norm's output) is pulled back through its own norm to its own copy of the
+residual stream. That is the gradient with a separate residual input per destination, without
+one backward per edge. Summed over a source's outgoing edges, EAP is exactly the node AtP of
+that source. Exact edge patching runs the edge engine (:mod:`attrpatch.circuits.engine`).
 
 EAP: Syed, Rager, Conmy 2023 (arXiv 2310.10348). EAP-IG: Hanna, Pezzelle, Belinkov 2024 (arXiv
 2403.17806), midpoint rule with ``steps`` points. ``eap_ig_activations`` here is integrated
@@ -104,9 +107,9 @@ class EdgeResults:
 @partial(jax.jit, static_argnames="metric_fn")
 def _outputs(model, task, reference, tokens, metric_fn):
     """(metric ``[B]``, every source's output ``[S, B, T, D]``) of the plain run of `tokens`."""
-    logits, outputs = edge_forward(model.params, model.config, tokens, task.attention_mask,
-                                   task.answer_positions)
-    return metric_fn(logits, task, reference), outputs
+    logits, cache = model.run(tokens, task.attention_mask, cache_keys=_source_sites(model.config),
+                              logit_positions=task.answer_positions)
+    return metric_fn(logits, task, reference), _sources_from_cache(model.params, model.config, cache)
 
 
 @dataclasses.dataclass
@@ -357,8 +360,8 @@ def _other(direction: str) -> str:
 
 @partial(jax.jit, static_argnames="metric_fn")
 def _patched_metric(model, task, reference, tokens, mask, source_outputs, metric_fn):
-    logits, _ = edge_forward(model.params, model.config, tokens, task.attention_mask,
-                             task.answer_positions, EdgeEdit(patched=mask, source_values=source_outputs))
+    logits = edge_forward(model.params, model.config, tokens, task.attention_mask,
+                          task.answer_positions, EdgeEdit(patched=mask, source_values=source_outputs))
     return metric_fn(logits, task, reference)
 
 
@@ -382,8 +385,8 @@ def _single_edge_metrics(model, task, reference, tokens, destinations, deltas, m
     """Per-prompt metric ``[E, B]`` with one destination's input moved by one delta per row."""
     def one(destination, delta):
         edit = EdgeEdit(one_destination=destination, one_delta=delta)
-        logits, _ = edge_forward(model.params, model.config, tokens, task.attention_mask,
-                                 task.answer_positions, edit)
+        logits = edge_forward(model.params, model.config, tokens, task.attention_mask,
+                              task.answer_positions, edit)
         return metric_fn(logits, task, reference)
     return jax.vmap(one)(destinations, deltas)
 

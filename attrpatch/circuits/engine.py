@@ -41,8 +41,8 @@ NO_EDIT = EdgeEdit()
 
 def edge_forward(params: dict, cfg, tokens: Int[Array, "B T"],
                  attention_mask: Int[Array, "B T"] | None, answer_positions: Int[Array, " B"],
-                 edit: EdgeEdit = NO_EDIT) -> tuple[Float[Array, "B vocab"], Float[Array, "S B T D"]]:
-    """Run the model with per-destination inputs; returns (answer logits, every source's output).
+                 edit: EdgeEdit = NO_EDIT) -> Float[Array, "B vocab"]:
+    """Run the model with per-destination inputs; returns the answer logits.
 
     Layers are unrolled (each has its own destination slices); attention, the MLP and the norms
     are the phases of :mod:`attrpatch.arch.transformer`, so every family runs here.
@@ -98,5 +98,4 @@ def edge_forward(params: dict, cfg, tokens: Int[Array, "B T"],
         resid = resid + attn_write + mlp_out[0]
     last = len(graph.destinations) - 1
     final = inputs(resid, last, last + 1)[0][jnp.arange(batch), answer_positions]
-    logits = T.unembed(params, cfg, T.final_norm(params, cfg, final))
-    return logits, jnp.concatenate(outputs)
+    return T.unembed(params, cfg, T.final_norm(params, cfg, final))
