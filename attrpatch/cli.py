@@ -765,6 +765,9 @@ def cmd_circuit(args) -> int:
         raise CLIError("--edges takes positive edge counts, e.g. 50,100,200")
     if args.steps < 1:
         raise CLIError("--steps must be >= 1")
+    if args.data and args.n_prompts is not None:
+        raise CLIError("--n-prompts applies to the model's own task; with --data every prompt "
+                       "of the file is used")
     thresholds = parse_thresholds(args.threshold)
     check_out(args.out)
     model_dir = _model_dir(args.model, args.allow_download) if args.model else default_model_dir()
@@ -784,8 +787,11 @@ def cmd_circuit(args) -> int:
            "n_prompts": task.batch, "n_pos": task.n_pos}
     out = Path(args.out)
     with _output_dir(out) as staging:
-        summary = run_circuit(model, task, methods, sizes, staging, run, thresholds, args.how,
-                              args.direction, args.metric, args.steps, progress=not args.quiet)
+        try:
+            summary = run_circuit(model, task, methods, sizes, staging, run, thresholds, args.how,
+                                  args.direction, args.metric, args.steps, progress=not args.quiet)
+        except (ValueError, MemoryError) as e:  # bad input the library found, a run too big
+            raise CLIError(str(e)) from e
     print(f"{summary['run']['n_edges_graph']} edges; exact: {summary['run']['exact']}")
     for m, v in summary["validation"].items():
         a = v["agreement"]

@@ -335,7 +335,7 @@ Spearman {a['spearman']:.3f}, verdict **{check.verdict}**. The {sizes[0]} edges 
 """ + "\n".join("| " + " | ".join(r) + " |" for r in rows) + f"""
 
 Faithfulness, (m_circuit - m_corrupted) / (m_clean - m_corrupted) with exactly the circuit's
-edges patched into the corrupted run (`attrpatch circuit` reproduces it):
+edges patched into the corrupted run (`attrpatch.faithfulness_curve`):
 
 {faith_table}
 """

@@ -328,4 +328,7 @@ def test_circuit_command_writes_every_file_and_refuses_bad_input(tmp_path, capsy
     assert main(["circuit", "--model", INDUCTION, "--edges", "ten", "--out",
                  str(tmp_path / "x")]) == 2
     assert "--edges takes edge counts" in capsys.readouterr().err
+    assert main(["circuit", "--model", INDUCTION, "--data", f"{INDUCTION}/attrpatch_task.json",
+                 "--n-prompts", "4", "--out", str(tmp_path / "x")]) == 2
+    assert "--n-prompts applies to the model's own task" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

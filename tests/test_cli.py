@@ -534,6 +534,8 @@ def test_progress_bars_show_on_a_terminal_only_and_quiet_silences_them(monkeypat
         with progress_bar(3, enabled, "exact edges", unit="edge", delay=0) as bar:
             bar.update(3)
         assert ("exact edges" in err.getvalue()) == shown, (terminal, enabled)
+        if shown:  # tqdm's bar: share done, count, elapsed<remaining time, rate in the unit
+            assert all(p in err.getvalue() for p in ("%|", "/3 [00:00<", "edge/s"))
 
 
 def test_verify_command_of_an_unreliable_family_runs(ckpt, tmp_path):

@@ -294,25 +294,6 @@ def test_bad_tokens_error(tiny_model):
         patch(model, task, progress=False)
 
 
-def test_progress_bar_reports_eta(capsys, monkeypatch):
-    import sys
-
-    from attrpatch.patching import _Progress
-
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    bar = _Progress(total=4, enabled=True, delay=0.0)
-    bar.update(1, "resid_pre L0")
-    bar.last = 0.0  # let the next update print at once
-    bar.update(3, "resid_pre L1")
-    bar.close()
-    err = capsys.readouterr().err
-    assert "ETA" in err and "100.0%" in err and err.endswith("\n")
-    quiet = _Progress(total=4, enabled=False, delay=0.0)
-    quiet.update(4, "x")
-    quiet.close()
-    assert capsys.readouterr().err == ""
-
-
 def test_attention_only_model_defaults_match_naive():
     import jax
 
