@@ -25,8 +25,10 @@ estimator gives ``(a_source - a_base) . w``, summed over the component, for some
   residual stream (``hook_attn_out`` and ``hook_mlp_out``) zeroed; the GradDrop estimate is
   ``sum_l |estimate_l| / (n_layers - 1)``, as the paper defines it (here |.| of each layer's
   batch-mean estimate): an *unsigned* magnitude (`PatchResults.graddrop`), a ranking signal meant
-  to catch false negatives, not an effect. The signed
-  ``atp_star`` scores are the QK-fixed AtP. Cost: ``n_layers`` extra forwards and backwards.
+  to catch false negatives, not an effect. A single cancelling path shows at about
+  1/(n_layers - 1) of its size; on 143 planted cancellations (``benchmarks/bench_estimators.py``)
+  it catches 7 of the 20 sources AtP misses. The signed ``atp_star`` scores are the QK-fixed AtP.
+  Cost: ``n_layers`` extra forwards and backwards.
 
 **Integrated gradients** (Sundararajan et al. 2017) use the midpoint rule with ``steps`` points
 ``alpha = (i + 1/2) / steps``, whose error falls as 1/steps^2 along a smooth path. ``ig``

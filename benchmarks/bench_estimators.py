@@ -9,10 +9,13 @@ Cases (the first ``--prompts`` prompts of each model's own task, logit differenc
   every row, at x8 one-hot. Targets ``q``, ``k``, ``q_by_pos``, ``k_by_pos`` (what the QK fix is for).
 - *saturated L3H2 x4*: the head with the largest exact ``z`` effect (the name mover). Context: its
   pattern is the same in the clean and corrupted runs, so none of its q/k patches matter.
-- *cancellation*: `attrpatch.planted.plant_cancellation` with source L0H2 (the early head that
-  matters most) and each of the 12 later heads as the reader, in both directions (the sweep). The
-  plant where AtP misses the source head's largest exact effect is the case in the table; targets
-  ``z``, ``z_by_pos`` (what GradDrop is for).
+- *cancellation*: `attrpatch.planted.plant_cancellation` for every head with a later layer as
+  source and every later head as reader, in both directions (the sweep; targets ``z``,
+  ``z_by_pos``, what GradDrop is for). The sweep counts the plants where AtP misses the (big)
+  source, how many of those GradDrop's ranking catches, the source's rank among the heads under
+  exact, AtP and AtP*, and which misses fall on sources AtP got right before the plant (misses
+  the cancellation alone causes). The table's case is source L0H2 (the early head that matters
+  most) with the reader where AtP misses its largest exact effect.
 - *big patches*: the unedited GPT-2 model noised, ``resid_pre``, ``attn_out``, ``mlp_out``
   (the residual stream at the repeated name: exact about -100% of the gap, AtP a few percent).
 - *shipped*: ``models/ioi-gpt2-4l`` and ``models/ioi-llama-4l`` unedited, both directions,
@@ -45,8 +48,9 @@ steps 1, 2, 4, 8, 16, and the mean |IG(steps) - IG(64)| / |gap| (the midpoint ru
 
 Checks (printed, and in the JSON under ``checks``; reported, never asserted): the QK fix has fewer
 false negatives than AtP on the saturated head's components wherever AtP has any (and the cases
-where AtP* misses more are listed); GradDrop's ranking has fewer than AtP on the cancelled source
-head; IG's quadrature error and its error against exact fall strictly as steps grow.
+where AtP* misses more are listed); over the cancellation sweep, GradDrop's ranking misses fewer of
+the planted sources than AtP; IG's quadrature error and its error against exact fall strictly as
+steps grow.
 
 Usage: ``python benchmarks/bench_estimators.py [--prompts 16] [--steps 5]``; prints the tables and
 writes ``benchmarks/results/estimators.json`` (atomically).
@@ -235,38 +239,62 @@ def print_table(cases):
             print(f"    {f['component']}: exact {f['exact_share']:+.3f}  {est}{gd}  (share of gap)")
 
 
-def cancellation_sweep(model, task, grans, source):
-    """Plant the cancellation with every later head as reader, in both directions; AtP* only."""
+def rank_of(values: np.ndarray, index) -> int:
+    """1-based position of component `index` when `values` are sorted by |value|, largest first
+    (where it falls in a verification order)."""
+    flat = np.abs(np.nan_to_num(np.asarray(values, float))).ravel()
+    return int(np.sum(flat > flat[np.ravel_multi_index(index, np.shape(values))])) + 1
+
+
+def cancellation_sweep(model, task):
+    """Plant the cancellation for every head that has a later layer (source) with every later head
+    as reader, in both directions; exact patching and AtP* of `CANCEL` on each plant.
+
+    Per plant, for the source head's ``z``: exact, AtP and GradDrop as shares of the gap, the
+    source's rank (of the model's heads, by |value|) under exact, AtP and AtP*'s ranking, the
+    number of heads with |exact| >= `LARGE` (``n_big``), and whether AtP was right on the source
+    before the plant (``atp_right_before``: not a miss and the same sign), which separates misses
+    the cancellation causes from misses the source already had."""
     cfg = model.config
     rows, planted = [], {}
     for direction in DIRECTIONS:
-        for layer in range(source[0] + 1, cfg.n_layers):
-            for head in range(cfg.n_heads):
-                reader = (layer, head)
+        before_exact = attrpatch.patch(model, task, ("z",), direction=direction, progress=False)
+        before_atp = attrpatch.attribute(model, task, ("z",), direction=direction)
+        for source in [(la, ha) for la in range(cfg.n_layers - 1) for ha in range(cfg.n_heads)]:
+            ex0, atp0 = float(before_exact["z"][source]), float(before_atp["z"][source])
+            right_before = abs(atp0) >= MISS * abs(ex0) and np.sign(atp0) == np.sign(ex0)
+            for reader in [(lb, hb) for lb in range(source[0] + 1, cfg.n_layers)
+                           for hb in range(cfg.n_heads)]:
                 try:
                     m, c = plant_cancellation(model, task, source=source, reader=reader,
                                               direction=direction)
                 except ValueError:  # this reader cannot cancel the source: no plant
                     continue
-                exact = attrpatch.patch(m, task, grans, direction=direction, progress=False)
-                star = attrpatch.attribute(m, task, grans, direction=direction, method="atp_star")
+                exact = attrpatch.patch(m, task, CANCEL, direction=direction, progress=False)
+                star = attrpatch.attribute(m, task, CANCEL, direction=direction, method="atp_star")
                 gap = exact.gap
                 ex, atp = float(exact["z"][source] / gap), float(star["z"][source] / gap)
                 gd = float(star.graddrop["z"][source] / abs(gap))
                 big = abs(ex) >= LARGE
+                n_big = int((np.abs(np.asarray(exact["z"])) >= LARGE * abs(gap)).sum())
+                rank_star = rank_of(star.ranking("z"), source)
                 s = stats(pooled({g: star[g] for g in CANCEL}, CANCEL),
                           pooled({g: exact[g] for g in CANCEL}, CANCEL), gap,
                           pooled({g: star.ranking(g) for g in CANCEL}, CANCEL))
                 rows.append({
-                    "direction": direction, "reader": list(reader), "c": c, "gap": gap,
+                    "direction": direction, "source": list(source), "reader": list(reader), "c": c,
+                    "gap": gap, "atp_right_before": bool(right_before),
                     "source_exact_share": ex, "source_atp_share": atp, "source_graddrop_share": gd,
                     "source_big": big, "source_atp_fn": big and not abs(atp) >= MISS * abs(ex),
                     "source_rank_fn": big and not max(abs(atp), gd) >= MISS * abs(ex),
+                    "source_rank_exact": rank_of(exact["z"], source),
+                    "source_rank_atp": rank_of(star["z"], source), "source_rank_atp_star": rank_star,
+                    "n_big": n_big, "source_outside_top_n_big_atp_star": big and rank_star > n_big,
                     "reader_exact_share": float(exact["z"][reader] / gap),
                     "reader_atp_share": float(star["z"][reader] / gap),
                     "z_big": s["big"], "z_fn_atp": s["fn"], "z_fn_rank": s["fn_rank"],
                 })
-                planted[(direction, reader)] = (m, c)
+                planted[(direction, source, reader)] = (m, c)
     return rows, planted
 
 
@@ -377,11 +405,13 @@ def main(argv=None) -> dict:
 
     # Cancellation: the sweep over readers, then the plant where AtP misses most.
     source = (0, 2)
-    sweep, planted = cancellation_sweep(gpt2, task, GPT2_GRANS, source)
+    sweep, planted = cancellation_sweep(gpt2, task)
     missed = [r for r in sweep if r["source_atp_fn"]]
-    pick = max(missed or sweep, key=lambda r: abs(r["source_exact_share"]))
+    of_source = [r for r in sweep if tuple(r["source"]) == source]
+    pick = max([r for r in of_source if r["source_atp_fn"]] or of_source,
+               key=lambda r: abs(r["source_exact_share"]))
     direction, reader = pick["direction"], tuple(pick["reader"])
-    model, c = planted[(direction, reader)]
+    model, c = planted[(direction, source, reader)]
     exact, est, _, ex_warm = run(("cancel", reader, direction), model, task, GPT2_GRANS, direction)
     focus = [(f"z L{source[0]}H{source[1]} (source)", "z", source),
              (f"z L{reader[0]}H{reader[1]} (reader)", "z", reader)]
@@ -416,6 +446,11 @@ def main(argv=None) -> dict:
     def own(c, m, key):
         return c["estimators"][m]["planted_head_stats"][key]
 
+    caused = [r for r in missed if r["atp_right_before"]]  # misses the cancellation alone causes
+
+    def median_rank(key):
+        return float(np.median([r[key] for r in missed])) if missed else math.nan
+
     sat = [c for c in cases if c["case"].startswith("saturated")]
     sat_missed = [c for c in sat if own(c, "atp", "fn")]
     checks = {
@@ -441,9 +476,19 @@ def main(argv=None) -> dict:
             "big": own(cancel_case, "atp", "big"),
             "atp_fn": own(cancel_case, "atp", "fn"),
             "atp_star_fn_rank": own(cancel_case, "atp_star", "fn_rank"),
-            "holds": own(cancel_case, "atp_star", "fn_rank") < own(cancel_case, "atp", "fn"),
+            "holds_in_case": own(cancel_case, "atp_star", "fn_rank") < own(cancel_case, "atp", "fn"),
+            "holds": sum(r["source_rank_fn"] for r in missed) < len(missed),
+            "sweep_plants": len(sweep),
             "sweep_source_missed_by_atp": len(missed),
             "sweep_of_those_caught_by_graddrop": sum(not r["source_rank_fn"] for r in missed),
+            "sweep_of_those_in_atp_star_top_n_big": sum(
+                not r["source_outside_top_n_big_atp_star"] for r in missed),
+            "sweep_missed_where_atp_was_right_before": len(caused),
+            "sweep_of_those_caught_by_graddrop_when_right_before": sum(
+                not r["source_rank_fn"] for r in caused),
+            "sweep_median_rank_atp": median_rank("source_rank_atp"),
+            "sweep_median_rank_atp_star": median_rank("source_rank_atp_star"),
+            "sweep_median_rank_exact": median_rank("source_rank_exact"),
             "random_models_plants": len(random_plants),
             "random_models_source_missed_by_atp": len(random_missed),
             "random_models_of_those_caught_by_graddrop": sum(not r["rank_fn"] for r in random_missed),
@@ -466,20 +511,30 @@ def main(argv=None) -> dict:
     print()
     print_table(cases)
     print()
-    print(f"Cancellation sweep: source L{source[0]}H{source[1]}, every later head as reader "
-          "(AtP on the source = AtP*'s signed z; shares of the gap)")
-    print(f"{'dir':<8}{'reader':<8}{'c':>9}{'gap':>7}{'exact':>8}{'AtP':>8}{'GradDrop':>9}"
-          f"{'AtP FN':>8}{'rank FN':>8}")
-    for r in sweep:
-        reader_name = "L{}H{}".format(*r["reader"])
-        print(f"{r['direction']:<8}{reader_name:<8}{r['c']:>9.2f}{r['gap']:>7.2f}"
+    gd_check = checks["graddrop_cuts_fn_on_cancellation"]
+    print(f"Cancellation sweep: every head with a later layer as source, every later head as reader, "
+          f"both directions ({len(sweep)} plants; AtP on the source = AtP*'s signed z; shares of the "
+          f"gap; ranks of {gpt2.config.n_layers * gpt2.config.n_heads} heads). The plants where "
+          "AtP misses a big source:")
+    print(f"{'dir':<8}{'source':<8}{'reader':<8}{'c':>9}{'exact':>8}{'AtP':>8}{'GradDrop':>9}"
+          f"{'rank ex':>8}{'AtP':>5}{'AtP*':>5}{'n_big':>6}{'right before':>13}{'rank FN':>8}")
+    for r in missed:
+        source_name, reader_name = "L{}H{}".format(*r["source"]), "L{}H{}".format(*r["reader"])
+        print(f"{r['direction']:<8}{source_name:<8}{reader_name:<8}{r['c']:>9.2f}"
               f"{r['source_exact_share']:>+8.3f}{r['source_atp_share']:>+8.3f}"
-              f"{r['source_graddrop_share']:>9.3f}{'yes' if r['source_atp_fn'] else '':>8}"
-              f"{'yes' if r['source_rank_fn'] else '':>8}")
-    print(f"AtP misses the source in {len(missed)} of {len(sweep)} plants; GradDrop's ranking "
-          f"catches {checks['graddrop_cuts_fn_on_cancellation']['sweep_of_those_caught_by_graddrop']}"
-          f" of them. Table case: the miss with the largest exact effect ({pick['direction']}, "
-          f"reader L{reader[0]}H{reader[1]}).")
+              f"{r['source_graddrop_share']:>9.3f}{r['source_rank_exact']:>8}"
+              f"{r['source_rank_atp']:>5}{r['source_rank_atp_star']:>5}{r['n_big']:>6}"
+              f"{'yes' if r['atp_right_before'] else '':>13}{'yes' if r['source_rank_fn'] else '':>8}")
+    print(f"AtP misses the source in {len(missed)} of {len(sweep)} plants (the rest leave the source "
+          f"below {LARGE:g} of the gap); GradDrop's ranking catches "
+          f"{gd_check['sweep_of_those_caught_by_graddrop']} of them (and puts "
+          f"{gd_check['sweep_of_those_in_atp_star_top_n_big']} in its top n_big). Of the "
+          f"{len(caused)} misses on sources AtP got right before the plant, it catches "
+          f"{gd_check['sweep_of_those_caught_by_graddrop_when_right_before']}. Median rank of the "
+          f"missed source: AtP {gd_check['sweep_median_rank_atp']:g}, AtP* "
+          f"{gd_check['sweep_median_rank_atp_star']:g}, exact {gd_check['sweep_median_rank_exact']:g}. "
+          f"Table case: source L{source[0]}H{source[1]}'s miss with the largest exact effect "
+          f"({pick['direction']}, reader L{reader[0]}H{reader[1]}).")
     print(f"Random 2-layer models (4 seeds x 4 layer-0 source heads, reader L1H1, denoising; "
           f"{len(random_plants)} planted): AtP misses the source in {len(random_missed)}; GradDrop's "
           f"ranking catches {sum(not r['rank_fn'] for r in random_missed)} of them.")
