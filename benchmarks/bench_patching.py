@@ -85,6 +85,13 @@ def flops_per_token_layer(cfg, n_keys):
     return queries + kv_flops(cfg) + mixing + after_attention_flops(cfg)
 
 
+def forward_flops(cfg, batch, n_pos):
+    """Multiply-add FLOPs of one forward of `batch` prompts of `n_pos` tokens, unembedding only
+    the answer (last) position."""
+    per_prompt = cfg.n_layers * sum(flops_per_token_layer(cfg, q + 1) for q in range(n_pos))
+    return batch * (per_prompt + 2 * cfg.d_model * cfg.d_vocab)
+
+
 def needed_flops(cfg, task, gran, layers):
     """FLOPs exact recomputation needs, which is what the engine computes but for rounding its
     packed row counts up: per patched run (variant x prompt) and layer from the patched one, the
@@ -177,8 +184,7 @@ class PlainForward:
         cfg, batch = model.config, rows // n_pos
         self.tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.d_vocab, (batch, n_pos)))
         self.answers = jnp.full((batch,), n_pos - 1)
-        self.flops = batch * (cfg.n_layers * sum(flops_per_token_layer(cfg, q + 1) for q in range(n_pos))
-                              + 2 * cfg.d_model * cfg.d_vocab)
+        self.flops = forward_flops(cfg, batch, n_pos)
         self.run = jax.jit(lambda t, a: model.run(t, None, Interventions(), (), a)[0])
         self.run(self.tokens, self.answers).block_until_ready()
 
@@ -192,9 +198,7 @@ def run_family(name, args, task, zbp_layers):
     """Rows of the table for one family (engine and naive loop on the same model and prompts)."""
     cfg = FAMILIES[name]
     model = Model(cfg, init_params(cfg, jax.random.PRNGKey(0)))
-    fwd_flops = cfg.n_layers * task.batch * sum(
-        flops_per_token_layer(cfg, i + 1) for i in range(task.n_pos)
-    ) + 2 * task.batch * cfg.d_model * cfg.d_vocab
+    fwd_flops = forward_flops(cfg, task.batch, task.n_pos)
     grids = {
         "resid_pre": (12 * task.n_pos, list(range(12))),
         "z": (12 * 12, list(range(12))),
