@@ -18,7 +18,9 @@ source). The engine gives the same numbers as a naive "one full forward per patc
 - a patch of one position of a site after attention mixing (z, q, attn_out, mlp, resid_mid/post:
   "row-local") changes only that row in its layer, which runs at that one row;
 - the layers after the patched one run in a loop with a traced start, so one compile serves every
-  layer; the last block (unless patched) runs attention inputs at every packed row but the rest
+  layer, and one call runs the chunks of several layers in turn, reusing one set of buffers (on
+  a CPU, fresh buffers for every call cost up to a fifth of the time in page faults); the
+  last block (unless patched) runs attention inputs at every packed row but the rest
   only at the answer rows, and for the logit-difference metrics only the logit columns they read
   are computed.
 """
@@ -83,8 +85,10 @@ _AFTER_ATTENTION = ("attn.hook_z", "hook_attn_out", "hook_resid_mid", "mlp.hook_
 # Sites that change only their own row: patching one position of one of these in layer l
 # leaves every other position of layer l as in the base run.
 _ROW_LOCAL = ("attn.hook_q", *_AFTER_ATTENTION)
-# Packed row and variant counts are rounded up to one of these (at most 25% more): few shapes.
-_SIZES = np.unique([int(2**k * f) for k in range(40) for f in (1, 1.25, 1.5, 1.75)])
+# Packed row and variant counts are rounded up to one of these, so that few shapes compile: at
+# most 25% more below 512, at most 1/16 more from 512 on (where padding rows cost real matmul time).
+_SIZES = np.unique([int(2**k * (1 + i / steps)) for k in range(40)
+                    for steps in [4 if k < 9 else 16] for i in range(steps)])
 
 __all__ = ["ABLATIONS", "SOURCES", "gaussian_noise_corruption", "patch", "resample_permutation",
            "top_neurons"]
@@ -207,10 +211,10 @@ def _chunks(idx: np.ndarray, cpos: np.ndarray, inert: np.ndarray, first_diff: np
     return out
 
 
-@partial(jax.jit, static_argnames=("cfg", "gran", "metric_fn", "row_local"))
 def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, cols=None, *,
                    cfg, gran, metric_fn, row_local):
-    """Metric ``[V, batch]``: each slot's variant patched into `layer`, for every prompt.
+    """Metric ``[V, batch]``: each slot's variant patched into `layer`, for every prompt (traced
+    inside :func:`_chunks_metrics`).
 
     - `base`: the base run's sites from :func:`_engine_keys` (layer inputs, the keys and values
       mixing reads, z; ``[n_layers, batch, pos, ...]``).
@@ -219,7 +223,8 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
     - `row_local`: each variant patches one position of a site after attention mixing: the
       patched layer runs at that row only, and the next layer's input is the base run's with that
       row replaced.
-    - `cols`: ``[batch, k]`` the only logit columns the metric reads (None: all).
+    - `cols`: ``[batch, k]`` the only logit columns the metric reads (None: all); `task` and
+      `reference` then index those columns (:func:`_answer_columns`).
     """
     blocks = params["blocks"]
     consts = T.layer_constants(cfg)
@@ -604,10 +609,9 @@ def patch(
         src_cache = _ablation_sources(clean_cache, keys, source, seed, am)
 
     ans_np = np.asarray(ans)
-    cols = None
+    cols, metric_task, metric_reference = None, task, reference
     if metric_fn in (METRICS["logit_diff"], METRICS["normalized_logit_diff"]):
-        cols = jnp.concatenate([jnp.asarray(task.correct_tokens).reshape(task.batch, -1),
-                                jnp.asarray(task.incorrect_tokens).reshape(task.batch, -1)], axis=1)
+        cols, metric_task, metric_reference = _answer_columns(task, reference, mesh)
     n_pos, L = task.n_pos, cfg.n_layers
     positions = np.broadcast_to(np.arange(n_pos), (task.batch, n_pos))
     keep_full = T.keep_mask(positions, positions, n_pos + 1, None if am is None else jnp.asarray(am) > 0)
@@ -664,29 +668,44 @@ def patch(
     bar = progress_bar(total, progress, "exact patching", unit="row-layer")
     interrupted = False
     try:
+        todo = []
         for g, layer, grids, inert, chunks, work in plan:
-            raise_if_interrupted()
             ckpt = None if fp is None else os.path.join(checkpoint_dir, f"{g}.layer{layer}.npy")
             if ckpt is not None and os.path.exists(ckpt):
                 _fill(out[g], layer, grids, np.load(ckpt))
                 bar.set_postfix_str(f"{g} L{layer} (resumed)")
                 bar.update(work)
-                continue
-            layer_pp = np.zeros((len(grids), task.batch))
-            if chunks:
+            else:
+                todo.append((g, layer, grids, inert, chunks, work, ckpt))
+        groups = _call_groups(todo, L)
+        # every call of one granularity and chunk shape gets one stack size: one compile
+        turns: dict[tuple, int] = {}
+        for group in groups:
+            key, n = _call_key(group), sum(len(entry[4]) for entry in group)
+            turns[key] = max(turns.get(key, 0), -(-n // n_data))
+        for group in groups:
+            raise_if_interrupted()
+            runnable = [(layer, chunks) for _, layer, _, _, chunks, _, _ in group if chunks]
+            results = {}
+            if runnable:
                 with out_of_memory_advice(f"batch_size={batch_size} variants at once; lower it, "
                                           "or split the parameters over more devices "
                                           "(mesh=attrpatch.make_mesh(model=M))"):
-                    variants, metric_vals = _run_layer(model, task, reference, metric_fn, g, layer,
-                                                       chunks, base_cache, src_cache, keep_full,
-                                                       cols, mesh)
-                layer_pp[variants] = metric_vals - base_pp[None]
-            bar.set_postfix_str(f"{g} L{layer}")
-            bar.update(work)
-            layer_pp[inert] = 0.0
-            _fill(out[g], layer, grids, layer_pp)
-            if ckpt is not None:
-                atomic_write(ckpt, lambda f, a=layer_pp: np.save(f, a))
+                    results = dict(zip([layer for layer, _ in runnable], _run_layers(
+                        model, metric_task, metric_reference, metric_fn, group[0][0], runnable,
+                        turns[_call_key(group)], base_cache, src_cache, keep_full, cols, mesh),
+                        strict=True))
+            for g, layer, grids, inert, _, work, ckpt in group:
+                layer_pp = np.zeros((len(grids), task.batch))
+                if layer in results:
+                    variants, metric_vals = results[layer]
+                    layer_pp[variants] = metric_vals - base_pp[None]
+                layer_pp[inert] = 0.0
+                _fill(out[g], layer, grids, layer_pp)
+                if ckpt is not None:
+                    atomic_write(ckpt, lambda f, a=layer_pp: np.save(f, a))
+                bar.set_postfix_str(f"{g} L{layer}")
+                bar.update(work)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -702,6 +721,51 @@ def patch(
         base_metric_per_prompt=base_pp, source_metric_per_prompt=source_pp,
         seconds=time.perf_counter() - t_start, source=source, complete=not interrupted,
     )
+
+
+def _answer_columns(task: Task, reference: MetricReference, mesh):
+    """For the metrics that read only the answer logits (the logit differences): those columns
+    ``[batch, k]``, and the task and reference over them alone (answers renumbered ``0..k-1``,
+    reference logits ``[batch, k]``), so that patched runs unembed k columns, not the vocabulary."""
+    correct, incorrect = to_host((task.correct_tokens, task.incorrect_tokens))
+    cols = np.concatenate([correct, incorrect], axis=1)
+    local = np.broadcast_to(np.arange(cols.shape[1]), cols.shape)
+    clean, corrupt, mask = to_host((task.clean_tokens, task.corrupt_tokens, task.attention_mask))
+    col_task = Task(clean, corrupt, local[:, : correct.shape[1]], local[:, correct.shape[1]:], mask,
+                    task.metric)
+    col_cols = replicate(jnp.asarray(cols), mesh)
+    col_reference = MetricReference(*(jnp.take_along_axis(x, col_cols, axis=1) for x in reference))
+    return col_cols, replicate(col_task, mesh), col_reference
+
+
+def _chunk_shape(chunks) -> tuple | None:
+    """The padded shape of a layer's chunks (all alike; None: it has none)."""
+    return (chunks[0][1].idx.shape, chunks[0][1].flat.shape) if chunks else None
+
+
+def _call_groups(todo: list[tuple], n_layers: int) -> list[list[tuple]]:
+    """Split the plan's entries ``(gran, layer, grids, inert, chunks, ...)`` into runs of
+    consecutive entries that go in one compiled call: one granularity, one chunk shape, closed
+    once they hold ``2 * n_layers`` block runs of a chunk (so progress, checkpoints and Ctrl-C
+    come at least every two full-depth passes' worth of work)."""
+    groups: list[list[tuple]] = []
+    shape, blocks = None, 0
+    for entry in todo:
+        gran, layer, chunks = entry[0], entry[1], entry[4]
+        this = _chunk_shape(chunks)
+        if (not groups or gran != groups[-1][0][0] or blocks >= 2 * n_layers
+                or None not in (shape, this) and this != shape):
+            groups.append([])
+            shape, blocks = None, 0
+        groups[-1].append(entry)
+        shape = shape or this
+        blocks += len(chunks) * (n_layers - layer)
+    return groups
+
+
+def _call_key(group: list[tuple]) -> tuple:
+    """(granularity, chunk shape) of a group from :func:`_call_groups`."""
+    return group[0][0], next((s for s in map(_chunk_shape, (e[4] for e in group)) if s), None)
 
 
 def _fill(grid: np.ndarray, layer: int, grids: np.ndarray, layer_pp: np.ndarray) -> None:
@@ -738,36 +802,59 @@ def _ablation_sources(clean_cache: dict, keys, source: str, seed: int, attention
     return out
 
 
-def _run_layer(model, task, reference, metric_fn, gran, layer, chunks, base_cache, src_cache,
-               keep, cols=None, mesh=None) -> tuple[np.ndarray, np.ndarray]:
-    """Run one layer's chunks of `gran` (all dispatched before any is read): the components run
-    ``[n]`` and their metric ``[n, batch]``. On a mesh, the chunks go in stacks of the ``data``
-    axis's size (the last padded with repeats), each device running its share of a stack."""
-    key = GRANULARITIES[gran][0]
-    args = (model.params, jnp.int32(layer), {k: base_cache[k] for k in _engine_keys(model.config)},
-            src_cache[key][layer], keep)
-    static = dict(cfg=model.config, gran=gran, metric_fn=metric_fn, row_local=_row_local(gran))
-    rows = [r for _, r in chunks]
-    if mesh is None:
-        pending = [_chunk_metrics(*args, jax.tree.map(jnp.asarray, r), task, reference, cols, **static)
-                   for r in rows]
-    else:
-        n_data = mesh.shape["data"]
-        rows += rows[-1:] * (-len(rows) % n_data)
-        stacks = [shard_leading(jax.tree.map(lambda *a: np.stack(a), *rows[i: i + n_data]), mesh)
-                  for i in range(0, len(rows), n_data)]
-        pending = [_stacked_chunk_metrics(*args, s, task, reference, cols, **static) for s in stacks]
-        pending = [m for stack in pending for m in to_host(stack)]
-    metric_vals = [to_host(m)[: len(v)] for m, (v, _) in zip(pending, chunks, strict=False)]
-    return np.concatenate([v for v, _ in chunks]), np.concatenate(metric_vals)
+def _run_layers(model, task, reference, metric_fn, gran, work, turns, base_cache, src_cache,
+                keep, cols=None, mesh=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Run the chunks of several layers of `gran` (`work`: ``[(layer, chunks)]``, at least one
+    chunk each, all of one padded shape) in one compiled call, which reuses one set of buffers for
+    all of them (fresh buffers per call cost page faults): per layer, the components run ``[n]``
+    and their metric ``[n, batch]``. The chunks are stacked `turns` deep (padding is not run).
+    On a mesh they are dealt out over the ``data`` axis's devices (``turns`` each; where they do
+    not divide evenly, some devices repeat a chunk)."""
+    items = [(layer, rows) for layer, chunks in work for _, rows in chunks]
+    n_data = 1 if mesh is None else mesh.shape["data"]
+    n_turns = -(-len(items) // n_data)
+    items += items[-1:] * (turns * n_data - len(items))
+    layers = np.array([layer for layer, _ in items], np.int32)
+    stack = jax.tree.map(lambda *a: np.stack(a), *[rows for _, rows in items])
+    if mesh is not None:  # [device, turn, ...]: device d runs items d, d + n_data, ... in turn
+        layers, stack = jax.tree.map(
+            lambda a: shard_leading(a.reshape(-1, n_data, *a.shape[1:]).swapaxes(0, 1), mesh),
+            (layers, stack))
+    metrics = to_host(_chunks_metrics(
+        model.params, jnp.int32(n_turns), layers,
+        {k: base_cache[k] for k in _engine_keys(model.config)}, src_cache[GRANULARITIES[gran][0]],
+        keep, stack, task, reference, cols, cfg=model.config, gran=gran, metric_fn=metric_fn,
+        row_local=_row_local(gran), per_device=mesh is not None))
+    if mesh is not None:
+        metrics = metrics.swapaxes(0, 1).reshape(-1, *metrics.shape[2:])
+    out, i = [], 0
+    for _, chunks in work:
+        mine = metrics[i: i + len(chunks)]
+        out.append((np.concatenate([v for v, _ in chunks]),
+                    np.concatenate([m[: len(v)] for m, (v, _) in zip(mine, chunks, strict=True)])))
+        i += len(chunks)
+    return out
 
 
-@partial(jax.jit, static_argnames=("cfg", "gran", "metric_fn", "row_local"))
-def _stacked_chunk_metrics(params, layer, base, source, keep, stack, task, reference, cols=None, *,
-                           cfg, gran, metric_fn, row_local):
-    """:func:`_chunk_metrics` over a stack of chunks (a leading axis on every array of `stack`,
-    split over the mesh's ``data`` axis): ``[stack, V, batch]``."""
-    def one(chunk):
+@partial(jax.jit, static_argnames=("cfg", "gran", "metric_fn", "row_local", "per_device"))
+def _chunks_metrics(params, n_turns, layers, base, sources, keep, stack, task, reference,
+                    cols=None, *, cfg, gran, metric_fn, row_local, per_device):
+    """:func:`_chunk_metrics` of the first `n_turns` chunks of `stack` (a leading axis on every
+    array) patched into their layers (`layers`, that axis), in turn: ``[chunks, V, batch]`` (the
+    rest zero). `sources`: the site's source activations ``[n_layers, batch or 1, ...]``.
+    `per_device`: `layers` and `stack` have a leading axis split over the mesh's ``data`` axis
+    first, each device running its own chunks in turn: ``[devices, chunks, V, batch]``."""
+    def one(layer, chunk):
+        source = lax.dynamic_index_in_dim(sources, layer, keepdims=False)
         return _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, cols,
                               cfg=cfg, gran=gran, metric_fn=metric_fn, row_local=row_local)
-    return jax.vmap(one)(stack)
+
+    def in_turn(layers, stack):
+        def turn(i, out):
+            chunk = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), stack)
+            return out.at[i].set(one(layers[i], chunk))
+        first = jax.eval_shape(one, layers[0], jax.tree.map(lambda a: a[0], stack))
+        out = jnp.zeros((layers.shape[0], *first.shape), first.dtype)
+        return lax.fori_loop(0, n_turns, turn, out)
+
+    return jax.vmap(in_turn)(layers, stack) if per_device else in_turn(layers, stack)

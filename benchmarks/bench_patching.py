@@ -93,19 +93,20 @@ def forward_flops(cfg, batch, n_pos):
 
 
 def needed_flops(cfg, task, gran, layers):
-    """FLOPs exact recomputation needs, which is what the engine computes but for rounding its
-    packed row counts up: per patched run (variant x prompt) and layer from the patched one, the
-    positions start..answer (start: the patch position, or the prompt's first differing position
-    for all-position head patches); head-output (z) patches leave their layer's attention as it
-    was, so the patched layer runs only W_O and the MLP (at one row for by-position patches);
-    the last block (unless patched) runs keys and values at every recomputed position and the
-    rest at the answer only; then the two logit-difference columns at the answer. resid_pre
-    patches in layer 0 where clean and corrupt tokens agree, and by-position head patches in the
-    last layer away from the answer, are inert and not run."""
+    """FLOPs exact patching needs, which is what the engine computes but for rounding its packed
+    row counts up: the two unpatched runs (clean and corrupted, whose caches the patches restart
+    from; answer position unembedded); then per patched run (variant x prompt) and layer from the
+    patched one, the positions start..answer (start: the patch position, or the prompt's first
+    differing position for all-position head patches); head-output (z) patches leave their
+    layer's attention as it was, so the patched layer runs only W_O and the MLP (at one row for
+    by-position patches); the last block (unless patched) runs keys and values at every
+    recomputed position and the rest at the answer only; then the two logit-difference columns
+    at the answer. resid_pre patches in layer 0 where clean and corrupt tokens agree, and
+    by-position head patches in the last layer away from the answer, are inert and not run."""
     L, H, d = cfg.n_layers, cfg.n_heads, cfg.d_model
     after_attention = after_attention_flops(cfg)
     differs = np.asarray(task.clean_tokens) != np.asarray(task.corrupt_tokens)
-    total = 0.0
+    total = 2.0 * forward_flops(cfg, task.batch, task.n_pos)
     for b, (fd, ans) in enumerate(zip(task.first_diff_positions, task.answer_positions, strict=True)):
         def rows(s, a=int(ans)):  # full blocks at positions s..ans
             return sum(flops_per_token_layer(cfg, q + 1) for q in range(s, a + 1))

@@ -195,10 +195,10 @@ def test_identical_runs_through_the_compute_path_give_zeros(tiny_model, monkeypa
     model, _ = tiny_model
     task = make_task(seed=8, same=True)
     calls = []
-    real = P._run_layer
+    real = P._run_layers
     monkeypatch.setattr(P, "_unchanged", lambda gran, base, src, grids: np.zeros(
         (len(grids), base.shape[0]), bool))
-    monkeypatch.setattr(P, "_run_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(P, "_run_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
     same_iv = Interventions(delta={"hook_embed": jnp.zeros((task.batch, task.n_pos, 32))})
     grans = ("resid_pre", "z_by_pos", "pattern", "v")
     res = patch(model, task, grans, per_prompt=True, progress=False, corrupt_interventions=same_iv)
@@ -226,16 +226,25 @@ def test_interrupt_keeps_partial_results_and_checkpoint_resumes(tiny_model, tmp_
     task = make_task(seed=6)
     grans = ("attn_out", "z")
     kw = dict(per_prompt=True, progress=False)
-    full = patch(model, task, grans, **kw)
-    real, calls = P._run_layer, []
+    real, calls = P._run_layers, []
+
+    def spy(model_, task_, reference, metric_fn, gran, work, *args, **kwargs):
+        calls.append((gran, [layer for layer, _ in work]))
+        return real(model_, task_, reference, metric_fn, gran, work, *args, **kwargs)
 
     def flaky(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 1:
+            calls.append(None)
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return spy(*args, **kwargs)
 
-    monkeypatch.setattr(P, "_run_layer", flaky)
+    monkeypatch.setattr(P, "_run_layers", spy)
+    full = patch(model, task, grans, **kw)
+    # attn_out's two layers differ in chunk shape (only the answer row of the last layer runs):
+    # two compiled calls; z's layers go in one
+    assert calls == [("attn_out", [0]), ("attn_out", [1]), ("z", [0, 1])]
+    calls.clear()
+    monkeypatch.setattr(P, "_run_layers", flaky)
     with pytest.warns(UserWarning, match="interrupted"):
         part = patch(model, task, grans, checkpoint_dir=tmp_path, **kw)
     assert np.isnan(part["z"]).all() and np.isnan(part["attn_out"][1]).all()
@@ -246,7 +255,7 @@ def test_interrupt_keeps_partial_results_and_checkpoint_resumes(tiny_model, tmp_
     saved = sorted(f.name for f in tmp_path.iterdir())
     assert "meta.json" in saved and not any(f.startswith(".tmp") for f in saved)
     resumed = patch(model, task, grans, checkpoint_dir=tmp_path, **kw)
-    assert len(calls) == 2 + 3  # layer 0 of attn_out came from its file
+    assert calls[2:] == [("attn_out", [1]), ("z", [0, 1])]  # layer 0 of attn_out from its file
     for gran in grans:
         np.testing.assert_array_equal(resumed.scores[gran].per_prompt, full.scores[gran].per_prompt)
     # a different task must not resume from these files
@@ -327,14 +336,14 @@ def test_no_op_patches_are_exact_zeros_and_not_run(tiny_model, monkeypatch):
     corrupt = clean.copy()
     corrupt[:, 2] = (clean[:, 2] + 7) % 61
     task = Task(clean, corrupt, rng.integers(0, 61, 2), rng.integers(0, 61, 2))
-    real, runs = P._run_layer, []
+    real, runs = P._run_layers, []
 
-    def spy(model_, task_, reference, metric_fn, gran, layer, chunks, *args, **kwargs):
-        runs.append((gran, layer, sorted(int(i) for _, rows in chunks
-                                         for i in rows.idx[: len(_), 0])))
-        return real(model_, task_, reference, metric_fn, gran, layer, chunks, *args, **kwargs)
+    def spy(model_, task_, reference, metric_fn, gran, work, *args, **kwargs):
+        runs.extend((gran, layer, sorted(int(i) for _, rows in chunks
+                                         for i in rows.idx[: len(_), 0])) for layer, chunks in work)
+        return real(model_, task_, reference, metric_fn, gran, work, *args, **kwargs)
 
-    monkeypatch.setattr(P, "_run_layer", spy)
+    monkeypatch.setattr(P, "_run_layers", spy)
     grans = ("resid_pre", "z_by_pos", "mlp_out")
     res = patch(model, task, grans, per_prompt=True, progress=False)
     for gran in grans:
@@ -385,6 +394,35 @@ def test_packed_rows_are_exactly_each_runs_start_to_answer():
                 assert got == list(range(start, ans[b] + 1))
                 assert rows.flat[rows.first_row[run]] % n == start
                 assert rows.flat[rows.answer_row[run]] % n == ans[b]
+
+
+def test_any_grouping_of_layers_into_calls_matches_naive(tiny_model, monkeypatch):
+    """One compiled call runs several layers' chunks in turn, and the calls of one shape share a
+    stack depth (turns past a call's own chunks are not run). With batch_size=1 layer 0 has three
+    chunks and layer 1 one, all of one shape: grouped in one call, or one call per layer (layer
+    1's call then runs 1 of its 3 turns), the effects are the naive loop's."""
+    import attrpatch.patching as P
+
+    model, _ = tiny_model
+    task = make_task(seed=11)
+    picks = {"z": [(0, 0), (0, 1), (0, 2), (1, 3)]}
+    expected = naive(model, task, "z")
+    real, calls = P._run_layers, []
+
+    def spy(model_, task_, reference, metric_fn, gran, work, turns, *args, **kwargs):
+        calls.append(([layer for layer, _ in work], turns))
+        return real(model_, task_, reference, metric_fn, gran, work, turns, *args, **kwargs)
+
+    monkeypatch.setattr(P, "_run_layers", spy)
+    for split in (lambda todo, n_layers: [todo], lambda todo, n_layers: [[e] for e in todo]):
+        monkeypatch.setattr(P, "_call_groups", split)
+        res = patch(model, task, ("z",), components=picks, batch_size=1, per_prompt=True,
+                    progress=False)
+        got = res.scores["z"].per_prompt
+        for layer, head in picks["z"]:
+            np.testing.assert_allclose(got[:, layer, head], expected[:, layer, head], atol=ATOL,
+                                       rtol=0)
+    assert calls == [([0, 1], 4), ([0], 3), ([1], 3)]
 
 
 def test_components_patch_only_those(tiny_model):

@@ -518,7 +518,7 @@ def test_exact_components_interrupted_raises(tiny_model, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(P, "_run_layer", interrupted)
+    monkeypatch.setattr(P, "_run_layers", interrupted)
     model = tiny_model[0]
     task = _task(model)
     with pytest.warns(UserWarning, match="interrupted"), pytest.raises(KeyboardInterrupt):

@@ -279,16 +279,13 @@ def final_norm(params: dict, cfg: ModelConfig, resid: Float[Array, "... d_model"
 
 def unembed(params: dict, cfg: ModelConfig, normalized: Float[Array, "... d_model"],
             cols: Int[Array, "batch k"] | None = None) -> Float[Array, "... d_vocab"]:
-    """Logits (float32, or float64 for a float64 model), soft-capped. With `cols` (for
-    `normalized` ``[batch, d_model]``), only those columns of each row are computed (the others
-    are zero and must not be read)."""
+    """Logits ``[..., d_vocab]`` (float32, or float64 for a float64 model), soft-capped. With
+    `cols` (for `normalized` ``[batch, d_model]``), only those columns of each row: ``[batch, k]``."""
     dt = jnp.promote_types(normalized.dtype, jnp.float32)
     W_U = params["W_U"].astype(dt)
     if cols is None:
         return softcap(normalized.astype(dt) @ W_U, cfg.final_softcap)
-    sel = softcap(jnp.einsum("bd,dbk->bk", normalized.astype(dt), W_U[:, cols]), cfg.final_softcap)
-    rows = jnp.arange(normalized.shape[0])[:, None]
-    return jnp.zeros((normalized.shape[0], W_U.shape[1]), dt).at[rows, cols].set(sel)
+    return softcap(jnp.einsum("bd,dbk->bk", normalized.astype(dt), W_U[:, cols]), cfg.final_softcap)
 
 
 def forward(
