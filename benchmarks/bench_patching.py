@@ -7,8 +7,9 @@ width 2048 (three matrices with the parameters of GPT-2's two at 3072), untied. 
 prompts x 15 tokens with ABC corruption (names at positions 2, 4, 10 differ). Times the resid_pre,
 z and z_by_pos grids (denoise, logit diff) and the naive loop (measured on a sample of patches,
 extrapolated to the full grid; the naive forward also unembeds only the answer position, so the
-ratio credits only the engine's other tricks). *Efficiency* is the FLOPs exact recomputation
-needs (`needed_flops`) per second, as a share of the jitted 1024^3 matmul rate. The machine is
+ratio credits only the engine's other tricks). *Efficiency* is the FLOPs exact patching needs
+(`needed_flops`: the two unpatched runs and the recomputation) per second, as a share of the
+jitted 1024^3 matmul rate. The machine is
 shared and its matmul rate moves by up to 2x within a minute, so each grid runs ``--rounds``
 rounds of (matmul rate, engine, plain forward): *efficiency* takes the best of each, *paired* is
 the median of each round's own ratio, and *vs forward* compares the engine with a plain jitted
