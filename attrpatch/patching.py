@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -677,13 +678,13 @@ def patch(
                 bar.update(work)
             else:
                 todo.append((g, layer, grids, inert, chunks, work, ckpt))
-        groups = _call_groups(todo, L)
-        # every call of one granularity and chunk shape gets one stack size: one compile
-        turns: dict[tuple, int] = {}
-        for group in groups:
-            key, n = _call_key(group), sum(len(entry[4]) for entry in group)
-            turns[key] = max(turns.get(key, 0), -(-n // n_data))
-        for group in groups:
+        groups = [(_call_key(group), group) for group in _call_groups(todo, L)]
+        # every call of one granularity and chunk shape gets one stack depth: one compile
+        depth: dict[tuple, int] = {}
+        for key, group in groups:
+            n = sum(len(entry[4]) for entry in group)
+            depth[key] = max(depth.get(key, 0), -(-n // n_data))
+        for key, group in groups:
             raise_if_interrupted()
             runnable = [(layer, chunks) for _, layer, _, _, chunks, _, _ in group if chunks]
             results = {}
@@ -693,7 +694,7 @@ def patch(
                                           "(mesh=attrpatch.make_mesh(model=M))"):
                     results = dict(zip([layer for layer, _ in runnable], _run_layers(
                         model, metric_task, metric_reference, metric_fn, group[0][0], runnable,
-                        turns[_call_key(group)], base_cache, src_cache, keep_full, cols, mesh),
+                        depth[key], base_cache, src_cache, keep_full, cols, mesh),
                         strict=True))
             for g, layer, grids, inert, _, work, ckpt in group:
                 layer_pp = np.zeros((len(grids), task.batch))
@@ -727,15 +728,13 @@ def _answer_columns(task: Task, reference: MetricReference, mesh):
     """For the metrics that read only the answer logits (the logit differences): those columns
     ``[batch, k]``, and the task and reference over them alone (answers renumbered ``0..k-1``,
     reference logits ``[batch, k]``), so that patched runs unembed k columns, not the vocabulary."""
-    correct, incorrect = to_host((task.correct_tokens, task.incorrect_tokens))
-    cols = np.concatenate([correct, incorrect], axis=1)
-    local = np.broadcast_to(np.arange(cols.shape[1]), cols.shape)
-    clean, corrupt, mask = to_host((task.clean_tokens, task.corrupt_tokens, task.attention_mask))
-    col_task = Task(clean, corrupt, local[:, : correct.shape[1]], local[:, correct.shape[1]:], mask,
-                    task.metric)
-    col_cols = replicate(jnp.asarray(cols), mesh)
-    col_reference = MetricReference(*(jnp.take_along_axis(x, col_cols, axis=1) for x in reference))
-    return col_cols, replicate(col_task, mesh), col_reference
+    cols = jnp.concatenate([task.correct_tokens, task.incorrect_tokens], axis=1)
+    local = replicate(jnp.broadcast_to(jnp.arange(cols.shape[1], dtype=jnp.int32), cols.shape), mesh)
+    n_correct = task.correct_tokens.shape[1]
+    col_task = eqx.tree_at(lambda t: (t.correct_tokens, t.incorrect_tokens), task,
+                           (local[:, :n_correct], local[:, n_correct:]))
+    col_reference = MetricReference(*(jnp.take_along_axis(x, cols, axis=1) for x in reference))
+    return cols, col_task, col_reference
 
 
 def _chunk_shape(chunks) -> tuple | None:
@@ -802,18 +801,18 @@ def _ablation_sources(clean_cache: dict, keys, source: str, seed: int, attention
     return out
 
 
-def _run_layers(model, task, reference, metric_fn, gran, work, turns, base_cache, src_cache,
+def _run_layers(model, task, reference, metric_fn, gran, work, depth, base_cache, src_cache,
                 keep, cols=None, mesh=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Run the chunks of several layers of `gran` (`work`: ``[(layer, chunks)]``, at least one
     chunk each, all of one padded shape) in one compiled call, which reuses one set of buffers for
     all of them (fresh buffers per call cost page faults): per layer, the components run ``[n]``
-    and their metric ``[n, batch]``. The chunks are stacked `turns` deep (padding is not run).
-    On a mesh they are dealt out over the ``data`` axis's devices (``turns`` each; where they do
+    and their metric ``[n, batch]``. The chunks are stacked `depth` deep (padding is not run).
+    On a mesh they are dealt out over the ``data`` axis's devices (`depth` each; where they do
     not divide evenly, some devices repeat a chunk)."""
     items = [(layer, rows) for layer, chunks in work for _, rows in chunks]
     n_data = 1 if mesh is None else mesh.shape["data"]
     n_turns = -(-len(items) // n_data)
-    items += items[-1:] * (turns * n_data - len(items))
+    items += items[-1:] * (depth * n_data - len(items))
     layers = np.array([layer for layer, _ in items], np.int32)
     stack = jax.tree.map(lambda *a: np.stack(a), *[rows for _, rows in items])
     if mesh is not None:  # [device, turn, ...]: device d runs items d, d + n_data, ... in turn

@@ -409,9 +409,9 @@ def test_any_grouping_of_layers_into_calls_matches_naive(tiny_model, monkeypatch
     expected = naive(model, task, "z")
     real, calls = P._run_layers, []
 
-    def spy(model_, task_, reference, metric_fn, gran, work, turns, *args, **kwargs):
-        calls.append(([layer for layer, _ in work], turns))
-        return real(model_, task_, reference, metric_fn, gran, work, turns, *args, **kwargs)
+    def spy(model_, task_, reference, metric_fn, gran, work, depth, *args, **kwargs):
+        calls.append(([layer for layer, _ in work], depth))
+        return real(model_, task_, reference, metric_fn, gran, work, depth, *args, **kwargs)
 
     monkeypatch.setattr(P, "_run_layers", spy)
     for split in (lambda todo, n_layers: [todo], lambda todo, n_layers: [[e] for e in todo]):
