@@ -11,8 +11,9 @@ ratio credits only the engine's other tricks). *Efficiency* is the FLOPs exact p
 (`needed_flops`: the two unpatched runs and the recomputation) per second, as a share of the
 jitted 1024^3 matmul rate. The machine is
 shared and its matmul rate moves by up to 2x within a minute, so each grid runs ``--rounds``
-rounds of (matmul rate, engine, plain forward): *efficiency* takes the best of each, *paired* is
-the median of each round's own ratio, and *vs forward* compares the engine with a plain jitted
+rounds of (matmul rate, engine, matmul rate, plain forward): *efficiency* takes the best of each
+(the round's rate: the mean of the two around the engine), *paired* is the median of each
+round's own ratio, and *vs forward* compares the engine with a plain jitted
 forward doing the same kind of dense work (`PlainForward`, measured the same way), which is what
 XLA reaches here without the engine's gathers. Prints a table; writes
 ``benchmarks/results/patching.json`` atomically.
@@ -212,17 +213,18 @@ def run_family(name, args, task, zbp_layers):
         run = functools.partial(patch, model, task, (gran,), batch_size=args.batch_size,
                                 progress=False)
         # The first call compiles every shape (the layer index is traced, not static); then
-        # `args.rounds` rounds each time the matmul rate, the engine and a plain forward.
+        # `args.rounds` rounds each time the matmul rate, the engine, the rate again, a plain forward.
         t = time.perf_counter()
         res = run(layers=layers)
         cold = time.perf_counter() - t
         assert np.isfinite(res[gran][layers]).all()
         rounds = []
         for _ in range(args.rounds):
-            rate = matmul_rate()
+            before = matmul_rate()
             t = time.perf_counter()
             run(layers=layers)
-            rounds.append((rate, time.perf_counter() - t, forward.seconds()))
+            seconds = time.perf_counter() - t
+            rounds.append(((before + matmul_rate()) / 2, seconds, forward.seconds()))
         rates, times, fwd_times = (np.array(x) for x in zip(*rounds, strict=True))
         ours = float(times.min())
         flops = needed_flops(cfg, task, gran, layers)
@@ -256,7 +258,7 @@ def main():
     ap.add_argument("--naive-samples", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3,
-                    help="timed rounds per grid (matmul rate, engine, plain forward); best of each")
+                    help="timed rounds per grid (matmul rate, engine, rate, plain forward)")
     args = ap.parse_args()
 
     task = ioi_task()
