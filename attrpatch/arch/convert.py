@@ -10,24 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Config fields that never change the forward computation (bookkeeping, training-only dropout,
-# generation and tokenizer settings). Anything else a family's converter does not read is refused.
-HARMLESS_FIELDS = frozenset({
-    "_name_or_path", "transformers_version", "architectures", "model_type", "dtype", "torch_dtype",
-    "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
-    "id2label", "label2id", "problem_type", "initializer_range", "use_cache", "bos_token_id",
-    "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "tokenizer_class",
-    "prefix", "task_specific_params", "finetuning_task", "torchscript", "pruned_heads",
-    "attention_dropout", "hidden_dropout", "classifier_dropout", "resid_pdrop", "embd_pdrop",
-    "attn_pdrop", "summary_type", "summary_use_proj", "summary_activation",
-    "summary_proj_to_labels", "summary_first_dropout", "cache_implementation",
-    "_attn_implementation_autoset", "pretraining_tp", "tie_encoder_decoder", "is_decoder",
-    "attention_probs_dropout_prob", "hidden_dropout_prob",
-})
-# Fields that are harmless only at these values.
-REQUIRED_VALUES = {"is_encoder_decoder": False, "add_cross_attention": False,
-                   "use_bidirectional_attention": False}
-
+from attrpatch.arch.hub_audit import (
+    BOOKKEEPING,
+    DEFAULTS,
+    HARMLESS_ONLY_AT,
+    NULL_MEANS_OFF,
+    REFUSED,
+    reinterpret,
+)
 
 def check_int(key: str, value, minimum: int = 1) -> int:
     """`value` as an int, or a ValueError naming `key` (bools, strings, NaN and fractions refused)."""
@@ -48,21 +38,43 @@ def check_float(key: str, value, positive: bool = False) -> float:
 
 class HFConfig:
     """A `config.json` dict read field by field, each value checked for its type and range:
-    :meth:`finish` refuses, by name, every field that was not read and is not known to be harmless.
+    :meth:`finish` refuses, by name, every field that was not read and is not known to be harmless
+    (:mod:`attrpatch.arch.hub_audit`).
 
-    Messages name the field but not the file: `attrpatch.load_model` prefixes the file's path.
-    A null field counts as absent (`default` applies).
+    Legacy values that `transformers` reinterprets at load are reinterpreted identically, with its
+    warning (`hub_audit.reinterpret`). Messages name the field but not the file:
+    `attrpatch.load_model` prefixes the file's path. An absent field takes `transformers`' default
+    for `model_type` (`hub_audit.DEFAULTS`), else the `default` passed to the getter; a null
+    field counts as absent, except those in `hub_audit.NULL_MEANS_OFF`, where null means None.
+    `aliases` maps other names of a field to the name read (`transformers`' ``attribute_map``).
     """
 
-    def __init__(self, raw: dict, family: str):
+    def __init__(self, raw: dict, family: str, model_type: str, aliases: dict[str, str] | None = None):
         if not isinstance(raw, dict):
             raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
-        self.raw, self.family, self.read = raw, family, set()
+        self.raw, self.family, self.read = reinterpret(model_type, raw), family, set()
+        self.defaults = DEFAULTS.get(model_type, {})
+        for alias, key in (aliases or {}).items():  # transformers' `attribute_map`
+            if self.raw.get(alias) is None:
+                continue
+            if self.raw.get(key) not in (None, self.raw[alias]):
+                raise ValueError(f"{alias}={self.raw[alias]!r} and {key}={self.raw[key]!r} are the same "
+                                 f"field for {family} and disagree; keep one")
+            self.raw[key] = self.raw.pop(alias)
 
     def get(self, key: str, default=None):
         self.read.add(key)
         value = self.raw.get(key)
-        return default if value is None else value
+        if value is not None:
+            return value
+        if key in self.raw and key in NULL_MEANS_OFF:
+            return None
+        return self.defaults.get(key, default)
+
+    def given(self, key: str) -> bool:
+        """Whether `key` is in the config at all (a null counts: it can mean "off")."""
+        self.read.add(key)
+        return key in self.raw
 
     def _required(self, key: str, default, required: bool):
         value = self.get(key, default)
@@ -92,11 +104,15 @@ class HFConfig:
                          f"{self.family}: {why}")
 
     def finish(self) -> None:
-        for key, allowed in REQUIRED_VALUES.items():
+        for key, why in REFUSED.items():
+            if self.raw.get(key) is not None:
+                self.refuse(key, why)
+        for key, allowed in HARMLESS_ONLY_AT.items():
             value = self.raw.get(key)
-            if value is not None and value is not allowed:  # `is`: 0 is not False
+            if key not in self.read and value is not None and value is not allowed:  # `is`: 0 is not False
                 self.refuse(key, f"only {allowed!r} is implemented")
-        unknown = sorted(set(self.raw) - self.read - HARMLESS_FIELDS - set(REQUIRED_VALUES))
+        unknown = sorted(k for k in set(self.raw) - self.read - BOOKKEEPING - set(HARMLESS_ONLY_AT)
+                         if not k.startswith("_"))
         if unknown:
             raise ValueError(
                 f"field(s) {', '.join(map(repr, unknown))} are not implemented by "
@@ -110,23 +126,39 @@ _ROPE_KEYS = {"default": set(), "linear": {"factor"},
               "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}
 
 
-def read_rope(c: HFConfig, default_theta: float = 10000.0) -> dict:
-    """Rotary settings from either config format (``rope_parameters``, or the older
-    ``rope_theta`` + ``rope_scaling``; GPT-NeoX's ``rotary_emb_base`` / ``rotary_pct``), as
-    `ModelConfig` fields plus ``partial_rotary_factor``. Unimplemented scaling types are refused."""
-    params = {}
-    for key in ("rope_scaling", "rope_parameters"):  # rope_parameters wins where both give a field
+def read_rope(c: HFConfig, max_positions: int) -> dict:
+    """Rotary settings from either config format, as `transformers` resolves them: a non-empty
+    ``rope_scaling`` (the older name) replaces ``rope_parameters``; ``rope_theta`` and
+    ``partial_rotary_factor`` come from that dict, else from the top level (GPT-NeoX's
+    ``rotary_emb_base`` / ``rotary_pct``), else the family's default; the legacy key ``type``
+    means ``rope_type``; a ``llama3`` dict without ``original_max_position_embeddings`` uses
+    `max_positions`. Returns `ModelConfig` fields plus ``partial_rotary_factor``. Unimplemented
+    scaling types are refused."""
+    chosen = {}
+    for key in ("rope_parameters", "rope_scaling"):  # a non-empty rope_scaling wins, as in transformers
         value = c.get(key, {})
         if not isinstance(value, dict):
             c.refuse(key, "expected an object")
-        params |= value
-    theta = params.pop("rope_theta", c.get("rope_theta", c.get("rotary_emb_base", default_theta)))
-    partial = params.pop("partial_rotary_factor",
-                         c.get("partial_rotary_factor", c.get("rotary_pct", 1.0)))
+        chosen = value or chosen
+    params = dict(chosen)
+
+    def first(*keys, default):  # the dict's value, else the first top-level key given, else the default
+        for key in keys:
+            value = params.pop(key, None) if key == keys[0] else None
+            value = c.raw.get(key) if value is None else value
+            c.read.add(key)
+            if value is not None:
+                return value
+        return c.defaults.get(keys[0], default)
+
+    theta = first("rope_theta", "rotary_emb_base", default=10000.0)
+    partial = first("partial_rotary_factor", "rotary_pct", default=1.0)
     rope_type = params.pop("rope_type", params.pop("type", "default"))
     if not isinstance(rope_type, str) or rope_type not in _ROPE_KEYS:
         raise ValueError(f"rope scaling type {rope_type!r} is not supported; "
                          f"supported: {', '.join(_ROPE_KEYS)}")
+    if rope_type == "llama3":
+        params.setdefault("original_max_position_embeddings", max_positions)
     missing = _ROPE_KEYS[rope_type] - set(params)
     extra = set(params) - _ROPE_KEYS[rope_type]
     if missing or extra:

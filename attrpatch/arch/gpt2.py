@@ -16,19 +16,25 @@ from attrpatch.arch.convert import HFConfig, Tensors, to_numpy, to_params
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
+# GPT2Config's `attribute_map`: the generic names some tools write instead of GPT-2's own.
+_ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
+            "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
+
+
 def config_from_hf(raw: dict) -> ModelConfig:
-    c = HFConfig(raw, "GPT-2")
+    c = HFConfig(raw, "GPT-2", "gpt2", aliases=_ALIASES)
     d_model, n_heads = c.int("n_embd"), c.int("n_head")
     act = c.get("activation_function", "gelu_new")
     if act not in ACTIVATIONS:
         c.refuse("activation_function", f"supported: {', '.join(ACTIVATIONS)}")
     if not c.bool("scale_attn_weights", True):
         c.refuse("scale_attn_weights", "unscaled attention logits are not implemented")
+    c.get("n_ctx")  # GPT-1's name for the context; transformers ignores it and so do we (n_positions counts)
     c.bool("reorder_and_upcast_attn", False)  # a numerical-precision option: we compute logits in float32
     cfg = ModelConfig(
         architecture="gpt2",
         n_layers=c.int("n_layer"), d_model=d_model, n_heads=n_heads,
-        d_mlp=c.int("n_inner", 4 * d_model), n_ctx=c.int("n_positions", c.int("n_ctx", 1024)),
+        d_mlp=c.int("n_inner", 4 * d_model), n_ctx=c.int("n_positions", 1024),
         d_vocab=c.int("vocab_size"), norm_eps=c.float("layer_norm_epsilon", 1e-5, positive=True), act_fn=act,
         tie_word_embeddings=c.bool("tie_word_embeddings", True),
         scale_attn_by_inverse_layer_idx=c.bool("scale_attn_by_inverse_layer_idx", False),

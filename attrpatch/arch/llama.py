@@ -35,6 +35,10 @@ _HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM",
                "gemma2": "Gemma2ForCausalLM"}
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# (the field the MLP activation is read from, the other name transformers ignores), where not
+# ("hidden_act", "hidden_activation")
+_ACTIVATION_KEYS = {"gemma2": ("hidden_activation", "hidden_act"),
+                    "gemma3_text": ("hidden_activation", "hidden_act")}
 
 
 def _is_gemma(model_type: str) -> bool:
@@ -43,7 +47,7 @@ def _is_gemma(model_type: str) -> bool:
 
 def config_from_hf(raw: dict) -> ModelConfig:
     model_type = raw.get("model_type")
-    c = HFConfig(raw, FAMILIES[model_type])
+    c = HFConfig(raw, FAMILIES[model_type], model_type)
     d_model, n_heads = c.int("hidden_size"), c.int("num_attention_heads")
     n_layers = c.int("num_hidden_layers")
     n_kv = c.int("num_key_value_heads", n_heads)
@@ -51,12 +55,15 @@ def config_from_hf(raw: dict) -> ModelConfig:
         raise ValueError(f"num_attention_heads={n_heads} is not a multiple of "
                          f"num_key_value_heads={n_kv}")
     head_dim = c.int("head_dim", d_model // n_heads)
-    # Gemma's configs name the MLP activation `hidden_activation` (preferred when set)
-    act_key = "hidden_activation" if c.get("hidden_activation") is not None else "hidden_act"
-    act = c.get(act_key, c.get("hidden_act", "silu"))
+    # Gemma 2 and 3 read the MLP activation from `hidden_activation`, the others from `hidden_act`;
+    # transformers ignores the other name (Gemma 2 configs carry both)
+    act_key, unused_key = _ACTIVATION_KEYS.get(model_type, ("hidden_act", "hidden_activation"))
+    act = c.get(act_key, "silu")
+    c.get(unused_key)
     if act not in ACTIVATIONS:
         c.refuse(act_key, f"supported: {', '.join(ACTIVATIONS)}")
-    rope = read_rope(c)
+    n_ctx = c.int("max_position_embeddings")
+    rope = read_rope(c, n_ctx)
     rotary_dim = int(head_dim * rope.pop("partial_rotary_factor"))
     fields = {}
     if model_type == "qwen2":
@@ -83,7 +90,7 @@ def config_from_hf(raw: dict) -> ModelConfig:
     cfg = ModelConfig(
         architecture=model_type, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
         n_kv_heads=n_kv, head_dim=head_dim, d_mlp=c.int("intermediate_size"),
-        n_ctx=c.int("max_position_embeddings"), d_vocab=c.int("vocab_size"), norm="rmsnorm",
+        n_ctx=n_ctx, d_vocab=c.int("vocab_size"), norm="rmsnorm",
         norm_eps=c.float("rms_norm_eps", 1e-6, positive=True), positions="rotary", rotary_dim=rotary_dim,
         **rope, gated_mlp=True, act_fn=act,
         tie_word_embeddings=c.bool("tie_word_embeddings", _is_gemma(model_type)), **fields,

@@ -18,17 +18,18 @@ _IGNORED_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".rotary_emb.i
 
 
 def config_from_hf(raw: dict) -> ModelConfig:
-    c = HFConfig(raw, "GPT-NeoX")
+    c = HFConfig(raw, "GPT-NeoX", "gpt_neox")
     d_model, n_heads = c.int("hidden_size"), c.int("num_attention_heads")
     act = c.get("hidden_act", "gelu")
     if act not in ACTIVATIONS:
         c.refuse("hidden_act", f"supported: {', '.join(ACTIVATIONS)}")
-    rope = read_rope(c)
+    n_ctx = c.int("max_position_embeddings")
+    rope = read_rope(c, n_ctx)
     head_dim = d_model // n_heads
     bias = c.bool("attention_bias", True)
     cfg = ModelConfig(
         architecture="gpt_neox", n_layers=c.int("num_hidden_layers"), d_model=d_model,
-        n_heads=n_heads, d_mlp=c.int("intermediate_size"), n_ctx=c.int("max_position_embeddings"),
+        n_heads=n_heads, d_mlp=c.int("intermediate_size"), n_ctx=n_ctx,
         d_vocab=c.int("vocab_size"), norm_eps=c.float("layer_norm_eps", 1e-5, positive=True),
         positions="rotary", rotary_dim=int(head_dim * rope.pop("partial_rotary_factor")), **rope,
         parallel_attn_mlp=c.bool("use_parallel_residual", True), act_fn=act,
