@@ -20,6 +20,8 @@ _API = {
     "validate_edges": "attrpatch.circuits",
     "verify_edges": "attrpatch.circuits",
     "load_task": "attrpatch.data",
+    "load_gguf": "attrpatch.gguf",
+    "load_gguf_tokenizer": "attrpatch.gguf",
     "Interventions": "attrpatch.interventions",
     "Patch": "attrpatch.interventions",
     "load_model": "attrpatch.loading",

@@ -11,12 +11,17 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Read ``tokenizer.json`` from a directory (or the file itself) with `tokenizers`.
+    """Read ``tokenizer.json`` from a directory (or the file itself) with `tokenizers`, or the
+    tokenizer in a llama.cpp ``.gguf`` file's metadata (:func:`attrpatch.gguf.load_gguf_tokenizer`).
 
     Raises `FileNotFoundError` naming the path when there is none, `ValueError` when it does not
     parse.
     """
     path = Path(path)
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
+        from attrpatch.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         where = f"{path} has no tokenizer.json" if path.is_dir() else f"{file} does not exist"
