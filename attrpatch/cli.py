@@ -10,7 +10,9 @@
   saved diagnostics hold raw estimates, so every threshold is applied afresh).
 
 Outputs (in ``--out``, written into a temporary directory beside it and renamed into place, so a
-failure or Ctrl-C leaves nothing half-written; Ctrl-C exits with code 130): ``results.npz``
+failure or a stop signal leaves nothing half-written; an existing ``--out`` is replaced only if
+attrpatch wrote every file in it; Ctrl-C, SIGTERM and SIGHUP exit with 130, 143 and 129 and
+leave the previous ``--out`` untouched): ``results.npz``
 (``<method>/<granularity>`` for each estimator and ``exact``, ``graddrop/<granularity>`` for
 AtP*), ``diagnostics.npz``, ``results.csv``,
 ``summary.json`` (strict JSON: NaN and infinities are ``null``), PNG figures and a
@@ -27,7 +29,7 @@ import json
 import os
 import platform
 import shlex
-import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -39,8 +41,22 @@ from pathlib import Path
 
 import numpy as np
 
-from attrpatch.atomic import replace_dir, staging_dir
-from attrpatch.interrupts import EXIT_INTERRUPTED, deferred_interrupts, raise_if_interrupted
+from attrpatch.atomic import (
+    UnsafeOutputError,
+    check_target,
+    listed_in_summary,
+    remove_staging,
+    replace_dir,
+    staging_dir,
+)
+from attrpatch.interrupts import (
+    EXIT_INTERRUPTED,
+    EXIT_STATUSES,
+    deferred_interrupts,
+    exit_status,
+    ignore_stop_signals,
+    raise_if_interrupted,
+)
 from attrpatch.results import (
     DEFAULT_GRANULARITIES,
     ESTIMATORS,
@@ -175,58 +191,35 @@ def parse_thresholds(items):
 
 
 def check_out(out: Path) -> None:
-    """Refuse, before any compute, an `--out` that must not or cannot be replaced: a file, a
-    directory holding anything attrpatch did not write there, or a place we cannot write to."""
-    out = Path(out).resolve()
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory; choose another --out")
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in _files_we_wrote(out))
-        if foreign:
-            raise CLIError(f"--out {out} holds files attrpatch did not write ({', '.join(foreign[:5])}"
-                           f"{', ...' if len(foreign) > 5 else ''}); refusing to replace it. "
-                           "Choose a new or empty --out, or move those files away")
-    ancestor = out.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise CLIError(f"--out {out}: {ancestor} is a file, not a directory")
-    for where in [ancestor] + ([out] if out.is_dir() else []):
-        try:  # a real probe: permissions, read-only filesystems and root all answer truthfully
-            tempfile.TemporaryFile(dir=where).close()
-        except OSError as e:
-            raise CLIError(f"--out {out}: cannot write in {where} ({e.strerror}); choose another "
-                           "--out") from e
-
-
-def _files_we_wrote(out: Path) -> set[str]:
-    """The files listed by the attrpatch output in `out` (its ``summary.json``), else none."""
+    """Refuse, before any compute, an `--out` that must not or cannot be replaced
+    (:func:`attrpatch.atomic.check_target`): a file, a directory holding anything attrpatch did
+    not write there, the current directory or one above it, home, or a place we cannot write to."""
     try:
-        files = json.loads((out / "summary.json").read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        return set()
-    if not isinstance(files, list) or "summary.json" not in files:
-        return set()
-    return {f for f in files if isinstance(f, str)}
+        check_target(out, listed_in_summary, "--out")
+    except UnsafeOutputError as e:
+        raise CLIError(str(e)) from e
 
 
 @contextmanager
 def _output_dir(out: Path) -> Iterator[Path]:
-    """A staging directory beside `out`, moved into place when the block ends and removed if
-    it fails; Ctrl-C meanwhile stops at the next safe point (:mod:`attrpatch.interrupts`), so
-    an interrupted run leaves the previous `out` as it was."""
+    """A staging directory beside `out`, moved into place when the block ends (if `out` may
+    still be replaced then) and removed if it fails; a stop signal meanwhile stops at the next
+    safe point (:mod:`attrpatch.interrupts`), so an interrupted run leaves the previous `out`
+    as it was, and one that lands during or after the move is ignored."""
     check_out(out)
     out = Path(out).resolve()
-    staging = staging_dir(out)
-    remove = lambda: shutil.rmtree(staging, ignore_errors=True)
+    made = []  # the staging directory, once there is one (a second signal removes it)
     try:
-        with deferred_interrupts(cleanup=remove):
-            yield staging
+        with deferred_interrupts(cleanup=lambda: [remove_staging(s) for s in made]):
+            made.append(staging_dir(out))
+            yield made[0]
             raise_if_interrupted()
-            replace_dir(staging, out)
-    except BaseException:
-        remove()
-        raise
+            replace_dir(made[0], out, listed_in_summary, "--out")
+    except UnsafeOutputError as e:  # --out gained foreign files during the run; results kept
+        raise CLIError(str(e)) from e
+    finally:
+        for s in made:
+            remove_staging(s)  # nothing if it was moved into place or kept
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,8 +227,8 @@ def _output_dir(out: Path) -> Iterator[Path]:
 
 
 def token_strings(model_dir, task) -> list[str] | None:
-    """Token strings of the first clean prompt (None without a tokenizer.json)."""
-    if model_dir is None or not (Path(model_dir) / "tokenizer.json").is_file():
+    """Token strings of the first clean prompt (None without a tokenizer.json or GGUF file)."""
+    if model_dir is None or not (Path(model_dir).is_file() or (Path(model_dir) / "tokenizer.json").is_file()):
         return None
     try:
         from attrpatch.tokenizer import display_token, load_tokenizer
@@ -430,9 +423,11 @@ def load_outputs(out_dir: Path):
 
 def _model_dir(name: str, allow_download: bool) -> Path:
     """A checkpoint directory, or a Hugging Face repo id found in the local hub cache (fetched
-    only with `allow_download`)."""
+    only with `allow_download`), or a llama.cpp ``.gguf`` file as it is."""
     from attrpatch.loading import resolve_checkpoint
 
+    if name.lower().endswith(".gguf"):  # load_model reads it, and says so when it is missing
+        return Path(name)
     try:
         return resolve_checkpoint(name, allow_download)
     except (FileNotFoundError, ValueError) as e:
@@ -445,7 +440,7 @@ def _load_model(model_dir):
 
     try:
         return load_model(model_dir)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:  # ImportError: a .gguf without gguf
         raise CLIError(str(e)) from e
 
 
@@ -883,7 +878,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("scan", help="patch a model on a data file")
     s.add_argument("--model", required=True,
-                   help="checkpoint directory, or Hugging Face repo id (org/name) in the local cache")
+                   help="checkpoint directory, Hugging Face repo id (org/name) in the local cache, or "
+                        "llama.cpp .gguf file (its tokenizer tokenises text prompts)")
     s.add_argument("--allow-download", action="store_true",
                    help="fetch a repo id missing from the Hugging Face cache (offline otherwise)")
     s.add_argument("--data", required=True,
@@ -942,8 +938,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_validate)
 
     c = sub.add_parser("circuit", help="score edges (EAP, EAP-IG), check them exactly, find circuits")
-    c.add_argument("--model", help=f"checkpoint directory or Hugging Face repo id in the local "
-                                   f"cache (default: models/{DEFAULT_MODEL})")
+    c.add_argument("--model", help=f"checkpoint directory, Hugging Face repo id in the local "
+                                   f"cache, or .gguf file (default: models/{DEFAULT_MODEL})")
     c.add_argument("--allow-download", action="store_true",
                    help="fetch a repo id missing from the Hugging Face cache")
     c.add_argument("--data", default=None,
@@ -984,16 +980,22 @@ def main(argv=None) -> int:
         print(f"attrpatch: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the staging directory is already gone; --out is untouched
-        print("attrpatch: interrupted; nothing written", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        status = exit_status()
+        by = "" if status == EXIT_INTERRUPTED else f" by {signal.Signals(status - 128).name}"
+        print(f"attrpatch: interrupted{by}; nothing written", file=sys.stderr)
+        return status
 
 
 def console_main() -> None:
-    """The ``attrpatch`` console script: `main`, then exit. After Ctrl-C it exits without
-    interpreter teardown (``os._exit``), which could otherwise race XLA's threads."""
+    """The ``attrpatch`` console script: `main`, then exit. Stop signals are deferred for the
+    whole process, and ignored once `main` has decided the outcome, so a late one cannot change
+    the exit status. After a stop signal it exits without interpreter teardown (``os._exit``),
+    which could otherwise race XLA's threads."""
     os.environ.setdefault("MPLBACKEND", "Agg")
-    code = main()
-    if code == EXIT_INTERRUPTED:
+    with deferred_interrupts():
+        code = main()
+        ignore_stop_signals()
+    if code in EXIT_STATUSES:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

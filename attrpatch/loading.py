@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from attrpatch.arch import CONVERTERS
-from attrpatch.atomic import replace_dir, staging_dir
+from attrpatch.atomic import check_target, remove_staging, replace_dir, staging_dir
 from attrpatch.model import Model
 
 _PICKLED = ("pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -161,10 +160,12 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, *, allow_download: bo
       `model-*.safetensors` with `model.safetensors.index.json`. Tensors may be stored as
       float32, float16 or bfloat16 (GPT-2: keys with or without the ``transformer.`` prefix).
       Or a Hugging Face repo id (``"EleutherAI/pythia-70m"``), read from the local hub cache:
-      see :func:`resolve_checkpoint`.
+      see :func:`resolve_checkpoint`. Or a llama.cpp ``.gguf`` file (quantised or not): see
+      :func:`attrpatch.gguf.load_gguf`.
     - `dtype`: the dtype to compute in (float32 by default). bfloat16 halves memory; LayerNorm,
-      norms, attention logits and logits still accumulate in float32, and logits differ from
-      float32 by under 5% of their largest magnitude (measured: 0.7% on `models/ioi-gpt2-4l`).
+      norms, attention logits and logits still accumulate in float32; logits differ from float32
+      by a few percent of their largest magnitude, more in deeper models (measured: 0.7% on
+      `models/ioi-gpt2-4l`, 6.9% on the 30-layer SmolLM2-135M, whose argmax still agreed).
     - `allow_download`: fetch a repo id missing from the cache from the Hub (offline otherwise).
     - `revision`: the branch, tag or commit of a repo id (default ``main``).
 
@@ -173,6 +174,13 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, *, allow_download: bo
     **Raises:** FileNotFoundError or ValueError, naming the file and the problem, for a missing,
     corrupt or unsupported checkpoint.
     """
+    from attrpatch.gguf import is_gguf, load_gguf
+
+    if is_gguf(path):
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to Hugging Face repo ids, not to the GGUF "
+                             f"file {path}")
+        return load_gguf(path, dtype)
     path = resolve_checkpoint(path, allow_download, revision)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -199,19 +207,65 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, *, allow_download: bo
     return Model(config, params)
 
 
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_CHECKPOINT_LABEL = "save_model path"
+_RECORD = "attrpatch_files"  # safetensors metadata: the files save_model wrote with the weights
+
+
+def checkpoint_files(path: str | os.PathLike, extra_names=()) -> set[str]:
+    """The names in directory `path` that belong to a checkpoint as `save_model` writes it:
+    ``config.json``, ``model.safetensors``, ``model.safetensors.index.json``, shards
+    ``model-0000i-of-0000n.safetensors``, the files a `save_model` checkpoint records in its
+    weights (its extra files) and `extra_names` (a card, a tokenizer), if present. None at all
+    without a ``config.json``: then `path` is not a checkpoint."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return set()
+    names = {"config.json", "model.safetensors", "model.safetensors.index.json", *extra_names}
+    present = {p.name for p in path.iterdir() if p.name in names or _SHARD.fullmatch(p.name)}
+    weights = sorted(path / name for name in present if name.endswith(".safetensors"))
+    try:  # the record save_model keeps in the metadata of its (first) weights file
+        with safe_open(str(weights[0]), framework="numpy") as f:
+            recorded = json.loads((f.metadata() or {}).get(_RECORD, "[]"))
+    except (IndexError, OSError, SafetensorError, ValueError):
+        recorded = []
+    recorded = set(recorded if isinstance(recorded, list) else []) - {""}
+    return present | {p.name for p in path.iterdir() if p.name in recorded}
+
+
+def check_checkpoint_target(path: str | os.PathLike, extra_names=(),
+                            label: str = _CHECKPOINT_LABEL) -> Path:
+    """Refuse (`attrpatch.atomic.UnsafeOutputError`) a `path` that `save_model` with extra files
+    named `extra_names` must not replace: one holding anything but a checkpoint's own files
+    (:func:`checkpoint_files`), the current, home or root directory, or one we cannot write.
+    Returns `path` resolved; `label` names it in messages. `save_model` checks this itself;
+    call it to refuse before long work (training, say)."""
+    return check_target(path, lambda d: checkpoint_files(d, extra_names), label)
+
+
 def save_model(model: Model, path: str | os.PathLike, extra_files: dict[str, str] | None = None,
                *, dtype=None, max_shard_bytes: int | None = None):
     """Write `model` as a checkpoint directory `load_model` (and `transformers`) reads.
 
     The directory is assembled next to `path` and moved into place, so a failure leaves no
-    half-written checkpoint. `extra_files` maps file names to text (a model card, say);
+    half-written checkpoint. An existing `path` is replaced only if it holds a checkpoint and
+    nothing else (:func:`check_checkpoint_target`: ``config.json``, weights, index and files
+    named like `extra_files`), checked before writing and again at the swap; otherwise
+    `attrpatch.atomic.UnsafeOutputError` (the new checkpoint, if it was already written, is kept
+    beside `path` as ``<name>.new``). `extra_files` maps file names to text (a model card, say);
     `dtype` stores the tensors in another dtype (``jnp.bfloat16`` halves the files);
     `max_shard_bytes` splits them into ``model-0000i-of-0000n.safetensors`` files of at most
     that size (a tensor larger than it gets a file of its own) with the
     ``model.safetensors.index.json`` that maps tensors to files, as `save_pretrained` does.
     """
+    extra_files = extra_files or {}
+    bad = [name for name in extra_files if name in ("", ".", "..") or Path(name).name != name]
+    if bad:
+        raise ValueError(f"save_model extra_files: names must be plain file names, got "
+                         f"{', '.join(map(repr, bad[:3]))}")
     convert = CONVERTERS[model.config.architecture]
-    staging = staging_dir(path)
+    target = check_checkpoint_target(path, extra_files)
+    staging = staging_dir(target)
     try:
         config = convert.config_to_hf(model.config)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -226,20 +280,23 @@ def save_model(model: Model, path: str | os.PathLike, extra_files: dict[str, str
                 size = 0
             shards[-1][name] = array
             size += array.nbytes
+        files = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+                 + ["model.safetensors.index.json"])
+        # which files this checkpoint is, so a later save may replace all of them (and no other)
+        metadata = {"format": "pt", _RECORD: json.dumps(sorted(["config.json", *files, *extra_files]))}
         if len(shards) == 1:
-            save_file(shards[0], str(staging / "model.safetensors"), metadata={"format": "pt"})
+            save_file(shards[0], str(staging / "model.safetensors"), metadata=metadata)
         else:
             weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(staging / file), metadata={"format": "pt"})
+            for file, shard in zip(files, shards, strict=False):
+                save_file(shard, str(staging / file), metadata=metadata)
                 weight_map |= dict.fromkeys(shard, file)
             index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
                      "weight_map": weight_map}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        for name, text in (extra_files or {}).items():
+        for name, text in extra_files.items():
             (staging / name).write_text(text)
-    except BaseException:
-        shutil.rmtree(staging)
-        raise
-    replace_dir(staging, path)
+        replace_dir(staging, target, lambda d: checkpoint_files(d, extra_files), _CHECKPOINT_LABEL)
+    finally:
+        remove_staging(staging)  # nothing if it was moved into place or kept

@@ -32,10 +32,10 @@ import optax
 from attrpatch import tasks
 from attrpatch.arch.config import ModelConfig
 from attrpatch.arch.transformer import init_params
-from attrpatch.atomic import atomic_write
+from attrpatch.atomic import UnsafeOutputError, atomic_write
 from attrpatch.attribution import attribute
 from attrpatch.interventions import Interventions
-from attrpatch.loading import load_model, save_model
+from attrpatch.loading import check_checkpoint_target, load_model, save_model
 from attrpatch.model import Model, _forward
 from attrpatch.patching import patch
 from attrpatch.results import DIRECTIONS, PatchResults, available_granularities
@@ -773,6 +773,10 @@ MODELS = {
 }
 
 
+# The files besides the weights that training writes in a checkpoint (each model's `files`).
+CARD_FILES = ("README.md", "tokenizer.json", tasks.TASK_FILE, "metrics.json")
+
+
 def write_checkpoint(which: str, model: Model, out: Path, facts: dict,
                      weights: bool = True) -> dict:
     """Compute the evidence for `model` and write its card, metrics, tokenizer and task file
@@ -789,7 +793,10 @@ def write_checkpoint(which: str, model: Model, out: Path, facts: dict,
 def build(which: str, out: Path, steps: int | None = None, config: ModelConfig | None = None,
           log: Callable[[str], None] | None = print, **recipe) -> dict:
     """Train model `which` ("induction" or "ioi") from scratch, evaluate and save it with its
-    card to `out`; `steps`, `config` and `recipe` override the defaults. Returns the metrics."""
+    card to `out`; `steps`, `config` and `recipe` override the defaults. Returns the metrics.
+    An `out` that `save_model` must not replace (one holding files other than a checkpoint and
+    its card files) is refused before training (`attrpatch.atomic.UnsafeOutputError`)."""
+    check_checkpoint_target(out, CARD_FILES, "out")
     shipped = MODELS[which]
     cfg, default, batches = config or shipped.config, shipped.recipe, shipped.batches
     rc = dict(default) | recipe
@@ -833,10 +840,11 @@ def main(argv=None) -> None:
                                     "(weights unchanged, training facts from metrics.json)")
     p.add_argument("path", help="checkpoint directory, e.g. models/ioi-gpt2-4l")
     args = parser.parse_args(argv)
-    if args.which == "card":
-        metrics = card(args.path)
-    else:
-        metrics = build(args.which, Path(args.out), args.steps)
+    try:
+        metrics = card(args.path) if args.which == "card" else build(args.which, Path(args.out),
+                                                                       args.steps)
+    except UnsafeOutputError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list | dict)},
                      indent=2))
 

@@ -25,6 +25,6 @@ def test_replace_dir_swaps_whole_directory(tmp_path):
     (out / "old.txt").write_text("old")
     staging = staging_dir(out)
     (staging / "new.txt").write_text("new")
-    replace_dir(staging, out)
+    replace_dir(staging, out, ours=lambda d: {"old.txt"})
     assert [p.name for p in out.iterdir()] == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
