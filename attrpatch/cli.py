@@ -986,12 +986,18 @@ def main(argv=None) -> int:
         return status
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as the command line shows them: one line, no source location."""
+    return f"attrpatch: warning: {message}\n"
+
+
 def console_main() -> None:
     """The ``attrpatch`` console script: `main`, then exit. Stop signals are deferred for the
     whole process, and ignored once `main` has decided the outcome, so a late one cannot change
     the exit status. After a stop signal it exits without interpreter teardown (``os._exit``),
     which could otherwise race XLA's threads."""
     os.environ.setdefault("MPLBACKEND", "Agg")
+    warnings.formatwarning = _one_line_warning
     with deferred_interrupts():
         code = main()
         ignore_stop_signals()

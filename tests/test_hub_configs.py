@@ -146,3 +146,19 @@ def test_absent_fields_take_the_transformers_default():
     neox = shrink(PUBLISHED["EleutherAI/pythia-160m"])
     del neox["rotary_pct"]
     assert CONVERTERS["gpt_neox"].config_from_hf(neox).rotary_width == 8 // 4
+
+
+def test_the_command_line_shows_a_reinterpretation_as_one_warning_line(tmp_path):
+    import subprocess
+    import sys
+
+    _checkpoint(shrink(PUBLISHED["google/gemma-2b"]), tmp_path / "ckpt")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"clean": "a b", "corrupt": "a c", "answer": " d", "wrong_answer": " e"}\n')
+    proc = subprocess.run([sys.executable, "-m", "attrpatch", "scan", "--model", str(tmp_path / "ckpt"),
+                           "--data", str(data), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    warned = [line for line in proc.stderr.splitlines() if "warning" in line.lower()]
+    assert warned == [line for line in warned if line.startswith("attrpatch: warning: config.json: "
+                                                                 "hidden_act='gelu'")], proc.stderr
+    assert len(warned) == 1 and "gelu_pytorch_tanh" in warned[0]
