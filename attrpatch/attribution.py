@@ -77,7 +77,7 @@ from attrpatch.sharding import (
     shard_model,
     to_host,
 )
-from attrpatch.sites import block_keys, site_axes
+from attrpatch.sites import attention_qk_keys, block_keys, site_axes
 from attrpatch.task import (
     MetricFn,
     MetricReference,
@@ -99,11 +99,11 @@ def estimator_cost(method: str, n_layers: int, steps: int = 5, n_sites: int = 1)
             "ig_inputs": 2.0 + 3.0 * steps}[method]
 
 
-def _qk_keys(cfg) -> tuple[str, str]:
-    """The query and key sites the attention logits are computed from (after rotary, if any)."""
-    if cfg.positions == "rotary":
-        return "attn.hook_rot_q", "attn.hook_rot_k"
-    return "attn.hook_q", "attn.hook_k"
+def _qk_fix_keys(cfg) -> tuple[str, ...]:
+    """The sites the QK fix reads: those the attention logits are computed from, and with a
+    whole-projection q/k norm also the raw queries and keys it normalises."""
+    whole = ("attn.hook_q", "attn.hook_k") if cfg.qk_norm == "projection" else ()
+    return attention_qk_keys(cfg) + whole
 
 
 def _group_heads(x, cfg, axis: int):
@@ -113,18 +113,22 @@ def _group_heads(x, cfg, axis: int):
 
 
 def qk_fixed(cfg, base: dict, source: dict, pattern_grad, changed, attention_mask,
-             granularities: Sequence[str]) -> dict:
+             granularities: Sequence[str], params: dict) -> dict:
     """QK-fixed estimates (AtP* section 3.1.1) of the q/k granularities, per prompt.
 
-    **Arguments:** `base`, `source`: caches with the query and key sites of :func:`_qk_keys`
+    **Arguments:** `base`, `source`: caches with the sites of :func:`_qk_fix_keys`
     (``[layer, batch, pos, head, d_head]``); `pattern_grad`: dMetric/dA
     ``[layer, batch, head, query_pos, key_pos]`` at the base run; `changed` ``[batch, pos]``:
     positions at or after the prompt's first differing token; `attention_mask`: ``[batch, pos]``
-    or None; `granularities`: which of :data:`attrpatch.results.QK_GRANULARITIES` to return.
+    or None; `granularities`: which of :data:`attrpatch.results.QK_GRANULARITIES` to return;
+    `params`: the model's (read for a whole-projection q/k norm, where patching one head's raw
+    query or key moves every head's at that position: those are recomputed one patched head at
+    a time).
 
     **Returns:** granularity -> ``[batch, *axes]``.
     """
-    qkey, kkey = _qk_keys(cfg)
+    qkey, kkey = attention_qk_keys(cfg)
+    whole = cfg.qk_norm == "projection"
     batch, n_pos = changed.shape
     positions = jnp.broadcast_to(jnp.arange(n_pos), (batch, n_pos))
     real = None if attention_mask is None else attention_mask > 0
@@ -135,6 +139,20 @@ def qk_fixed(cfg, base: dict, source: dict, pattern_grad, changed, attention_mas
         return jax.vmap(lambda q, k, keep, s: T.attention_scores(q, k, keep, s, cfg))(
             q, k, keep, consts["scale"])
 
+    def one_head_patched(which: str, head, where):
+        """Whole-projection q/k norm: queries (`which` "q") or keys ("k") as attention reads
+        them, with head `head`'s raw projection taken from the source run `where` it is True."""
+        raw = f"attn.hook_{which}"
+        heads = (jnp.arange(base[raw].shape[3]) == head)[:, None]  # [heads, 1]
+        mixed = jnp.where(where & heads, source[raw], base[raw])
+        x = jax.vmap(lambda r, w: T.qk_normalize(r, w, cfg))(mixed, params["blocks"][f"{which}_norm_w"])
+        if cfg.positions == "rotary":
+            x = jax.vmap(lambda r, f: T.rotate(r, positions, f))(x, consts["inv_freq"])
+        return x.astype(base[qkey].dtype)
+
+    def each_head(fn, n_heads):  # fn(head) for every head, stacked on a new axis 0
+        return jax.lax.map(fn, jnp.arange(n_heads))
+
     at_changed = changed[None, :, :, None, None]
     q_base, k_base = base[qkey], base[kkey]
     s_base = logits(q_base, k_base)
@@ -144,11 +162,23 @@ def qk_fixed(cfg, base: dict, source: dict, pattern_grad, changed, attention_mas
     out = {}
     if {"q", "q_by_pos"} & set(granularities):
         # Each query row is recomputed with the source query: the rows change independently.
-        a_q = jax.nn.softmax(logits(jnp.where(at_changed, source[qkey], q_base), k_base), -1)
-        per_row = ((a_q * g).sum(-1) - row_base) * changed[None, :, None, :]
+        if whole:  # head h's query patched: every head's row at that position moves
+            def rows_moved(h):  # [layer, batch, query_pos], summed over the heads
+                a_q = jax.nn.softmax(logits(one_head_patched("q", h, at_changed), k_base), -1)
+                return ((a_q * g).sum(-1) - row_base).sum(2)
+            per_row = jnp.moveaxis(each_head(rows_moved, cfg.n_heads), 0, 2)
+        else:
+            a_q = jax.nn.softmax(logits(jnp.where(at_changed, source[qkey], q_base), k_base), -1)
+            per_row = (a_q * g).sum(-1) - row_base
+        per_row = per_row * changed[None, :, None, :]
         out["q_by_pos"] = jnp.moveaxis(per_row, (0, 2), (1, 3))  # [batch, layer, pos, head]
         out["q"] = per_row.sum(-1).swapaxes(0, 1)  # [batch, layer, head]
-    if "k" in granularities:
+    if "k" in granularities and whole:  # kv head j's key patched: every head's logits move
+        def k_effect(j):  # [layer, batch]
+            a_k = jax.nn.softmax(logits(q_base, one_head_patched("k", j, at_changed)), -1)
+            return ((a_k * g).sum(-1) - row_base).sum((2, 3))
+        out["k"] = jnp.moveaxis(each_head(k_effect, cfg.kv_heads), 0, 2).swapaxes(0, 1)
+    elif "k" in granularities:
         a_k = jax.nn.softmax(logits(q_base, jnp.where(at_changed, source[kkey], k_base)), -1)
         per_head = ((a_k * g).sum(-1) - row_base).sum(-1)  # [layer, batch, head]
         out["k"] = _group_heads(per_head, cfg, 2).swapaxes(0, 1)
@@ -158,8 +188,9 @@ def qk_fixed(cfg, base: dict, source: dict, pattern_grad, changed, attention_mas
         # with R = log-sum-exp of the others and m_rest their normalised mean of g,
         # new . g = sigmoid(R - s_new) m_rest + sigmoid(s_new - R) g[s]. For s not the row's
         # largest entry, A[s] <= 1/2 and R, m_rest follow from the row's totals stably; for the
-        # largest (A[s] may round to 1 in a saturated row) they are summed directly.
-        s_new = logits(q_base, source[kkey])
+        # largest (A[s] may round to 1 in a saturated row) they are summed directly. With a
+        # whole-projection k norm, kv head j's key at s moves every head's logit at s (still
+        # one entry per row): recomputed for each j.
         lse = jax.scipy.special.logsumexp(s_base, -1, keepdims=True)
         top = jax.nn.one_hot(jnp.argmax(s_base, -1), n_pos, dtype=bool)
         others_of_top = jnp.where(top, -jnp.inf, s_base)
@@ -169,9 +200,18 @@ def qk_fixed(cfg, base: dict, source: dict, pattern_grad, changed, attention_mas
         mean = jnp.where(top, mean_top,
                          (row_base[..., None] - a_base * g) / (1 - jnp.where(top, 0, a_base)))
         mean = jnp.where(jnp.isneginf(rest), 0, mean)  # a one-position prompt: no other keys
-        new_row = jax.nn.sigmoid(rest - s_new) * mean + jax.nn.sigmoid(s_new - rest) * g
-        per_entry = jnp.where(keep & changed[None, :, None, None, :], new_row - row_base[..., None], 0)
-        per_key = _group_heads(per_entry.sum(-2), cfg, 2)  # [layer, batch, kv_head, key_pos]
+
+        def entry_effects(s_new):  # [layer, batch, head, key_pos], summed over the query rows
+            new_row = jax.nn.sigmoid(rest - s_new) * mean + jax.nn.sigmoid(s_new - rest) * g
+            return jnp.where(keep & changed[None, :, None, None, :], new_row - row_base[..., None],
+                             0).sum(-2)
+
+        if whole:
+            per_key = jnp.moveaxis(each_head(lambda j: entry_effects(
+                logits(q_base, one_head_patched("k", j, True))).sum(2), cfg.kv_heads), 0, 2)
+        else:
+            per_key = _group_heads(entry_effects(logits(q_base, source[kkey])), cfg, 2)
+        # per_key: [layer, batch, kv_head, key_pos]
         out["k_by_pos"] = jnp.moveaxis(per_key, (0, 2), (1, 3))  # [batch, layer, pos, kv_head]
     return {g_: out[g_] for g_ in granularities}
 
@@ -215,7 +255,7 @@ def _estimate(model, task, rows, reference, first_diff, keys, granularities, dir
     positions = task.answer_positions[prompts]
     qk = tuple(g for g in granularities if g in QK_GRANULARITIES) if method == "atp_star" else ()
     grad_keys = tuple(sorted(set(keys) | ({"attn.hook_pattern"} if qk else set())))
-    extra = set(_qk_keys(cfg)) if qk else set()
+    extra = set(_qk_fix_keys(cfg)) if qk else set()
     if method == "ig_inputs":
         extra.add("hook_embed")
     cache_keys = tuple(sorted(set(grad_keys) | extra))
@@ -267,7 +307,7 @@ def _estimate(model, task, rows, reference, first_diff, keys, granularities, dir
     def grids(weights):
         """Per-prompt grids ``[batch, *axes]`` of every granularity from gradient-like weights."""
         out = qk_fixed(cfg, base_cache, source_cache, weights["attn.hook_pattern"], changed, mask,
-                       qk) if qk else {}
+                       qk, model.params) if qk else {}
         for g in granularities:
             if g not in out:
                 key = GRANULARITIES[g][0]

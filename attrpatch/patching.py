@@ -64,7 +64,7 @@ from attrpatch.sharding import (
     shard_model,
     to_host,
 )
-from attrpatch.sites import site_axes
+from attrpatch.sites import attention_qk_keys, site_axes
 from attrpatch.task import (
     METRICS,
     MetricReference,
@@ -283,14 +283,16 @@ def _chunk_metrics(params, layer, base, source, keep, chunk, task, reference, co
     def run_block(j, x, pos, iv=NO_INTERVENTIONS, attend=None):
         """Block `j` on rows ``x [rows, d_model]`` at positions `pos` ``[rows]`` (default
         attention: every packed row)."""
-        out, _ = T.block(at(blocks, j), cfg, x[:, None], pos[:, None], iv, attend or attention(j))
+        out, _ = T.block(at(blocks, j), cfg, x[:, None], pos[:, None], iv, attend or attention(j),
+                         inv_freq=consts["inv_freq"][j])
         return out[:, 0]
 
     def rest(x):
         """Packed rows after `layer` -> answer-row outputs of the last block ``[runs, d_model]``."""
         x = lax.fori_loop(layer + 1, last, lambda j, x: run_block(j, x, row_pos), x)
         _, k, v = T.attention_inputs(at(blocks, last), cfg, x[:, None], row_pos[:, None],
-                                     lambda name, a: a)  # every row's keys and values...
+                                     lambda name, a: a,  # every row's keys and values...
+                                     inv_freq=consts["inv_freq"][last])
         return run_block(last, with_dummy(x)[chunk.answer_row], answer_pos,
                          attend=attention(last, (k, v)))
 
@@ -463,9 +465,8 @@ def _check_components(components, grans, cfg, n_pos: int) -> dict[str, dict[int,
 
 def _engine_keys(cfg) -> tuple[str, ...]:
     """Base-run sites the engine restarts from: each layer's input, the keys and values attention
-    mixing reads (after rotary, in rotary models) and the head outputs z."""
-    k = "attn.hook_rot_k" if cfg.positions == "rotary" else "attn.hook_k"
-    return ("hook_resid_pre", k, "attn.hook_v", "attn.hook_z")
+    mixing reads (after rotary and the k norm, where a model has them) and the head outputs z."""
+    return ("hook_resid_pre", attention_qk_keys(cfg)[1], "attn.hook_v", "attn.hook_z")
 
 
 def _row_local(gran: str) -> bool:

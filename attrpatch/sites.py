@@ -6,7 +6,9 @@ Names follow TransformerLens hook names. Axis letters: ``batch`` prompts, ``pos`
 width, ``d_mlp`` MLP width, ``d_vocab`` vocabulary.
 
 Which sites a model has follows from its config (:func:`block_keys`): rotary models add
-``attn.hook_rot_q`` / ``attn.hook_rot_k`` and have no ``hook_pos_embed``; parallel blocks
+``attn.hook_rot_q`` / ``attn.hook_rot_k`` and have no ``hook_pos_embed``; models with q/k norms
+(Qwen3, Gemma 3, OLMo 2) add ``attn.q_norm.hook_normalized`` / ``attn.k_norm.hook_normalized``
+(TransformerLens's names and place: after ``hook_q`` / ``hook_k``, before rotary); parallel blocks
 (GPT-NeoX) have no ``hook_resid_mid``; gated MLPs add ``mlp.hook_pre_linear``; attention-only
 models have no MLP sites.
 """
@@ -18,9 +20,15 @@ import re
 # key (without the "blocks.{l}." prefix) -> (shape, meaning). Block sites first, in forward order.
 BLOCK_SITE_TABLE: dict[str, tuple[str, str]] = {
     "hook_resid_pre": ("batch pos d_model", "residual stream entering the block"),
-    "attn.hook_q": ("batch pos head d_head", "queries, after the bias (before rotary)"),
-    "attn.hook_k": ("batch pos kv_head d_head", "keys, after the bias (before rotary)"),
+    "attn.hook_q": ("batch pos head d_head", "queries, after the bias (before any q norm, and rotary)"),
+    "attn.hook_k": ("batch pos kv_head d_head", "keys, after the bias (before any k norm, and rotary)"),
     "attn.hook_v": ("batch pos kv_head d_head", "values, after the bias"),
+    "attn.q_norm.hook_normalized": (
+        "batch pos head d_head",
+        "queries after the q norm, its weight included (models with q/k norms; before rotary)"),
+    "attn.k_norm.hook_normalized": (
+        "batch pos kv_head d_head",
+        "keys after the k norm, its weight included (models with q/k norms; before rotary)"),
     "attn.hook_rot_q": ("batch pos head d_head", "queries after rotary (rotary models)"),
     "attn.hook_rot_k": ("batch pos kv_head d_head", "keys after rotary (rotary models)"),
     "attn.hook_attn_scores": (
@@ -88,6 +96,8 @@ def block_keys(cfg) -> tuple[str, ...]:
             return False
         if key in ("attn.hook_rot_q", "attn.hook_rot_k"):
             return cfg.positions == "rotary"
+        if key in ("attn.q_norm.hook_normalized", "attn.k_norm.hook_normalized"):
+            return cfg.qk_norm is not None
         if key == "hook_resid_mid":
             return cfg.has_resid_mid
         if key == "mlp.hook_pre_linear":
@@ -95,6 +105,16 @@ def block_keys(cfg) -> tuple[str, ...]:
         return True
 
     return tuple(k for k in BLOCK_SITE_TABLE if has(k))
+
+
+def attention_qk_keys(cfg) -> tuple[str, str]:
+    """The query and key sites attention scores are computed from: after rotary, else after the
+    q/k norms, else the projections."""
+    if cfg.positions == "rotary":
+        return "attn.hook_rot_q", "attn.hook_rot_k"
+    if cfg.qk_norm is not None:
+        return "attn.q_norm.hook_normalized", "attn.k_norm.hook_normalized"
+    return "attn.hook_q", "attn.hook_k"
 
 
 def global_keys(cfg) -> tuple[str, ...]:

@@ -40,6 +40,16 @@ FAMILIES = {
         num_key_value_heads=2, head_dim=16, hidden_activation="gelu_pytorch_tanh",
         query_pre_attn_scalar=8, attn_logit_softcapping=1.0, final_logit_softcapping=1.5,
         sliding_window=3, rope_parameters=_ROPE)),
+    "qwen3-qknorm-window": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        num_key_value_heads=2, head_dim=16, use_sliding_window=True, sliding_window=3,
+        max_window_layers=1, rope_parameters=_ROPE)),
+    "gemma3_text-qknorm-local-rope": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=8, sliding_window=3,
+        sliding_window_pattern=2,  # layer 0 sliding (local rotary), layer 1 full (global, scaled)
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0}})),
+    "olmo2-postnorm-qknorm": ("Olmo2Config", "Olmo2ForCausalLM", dict(
+        num_key_value_heads=2, attention_bias=True, rope_parameters=_ROPE)),
 }
 
 
@@ -57,7 +67,7 @@ def build_hf(name: str, seed: int = 0):
         for pname, p in model.named_parameters():
             if pname.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
-            elif "norm" in pname:
+            elif "norm" in pname:  # every norm, the q/k norms included
                 base = 0.0 if name.startswith("gemma") else 1.0  # Gemma's norms scale by 1 + w
                 p.copy_(base + 0.2 * torch.randn_like(p))
             else:
@@ -107,7 +117,12 @@ def hf_sites(model, tokens, attention_mask=None) -> tuple[np.ndarray, dict[str, 
             out_hook(layer.mlp, p + "hook_mlp_out")
     else:
         base = model.model
-        gemma2 = cfg.model_type == "gemma2"
+        sandwich = cfg.model_type in ("gemma2", "gemma3_text")  # pre- and post-norms
+        post_only = cfg.model_type == "olmo2"  # post-norms only
+        # the q/k norms' outputs as [batch, pos, head, d_head]
+        qk_layout = {"qwen3": lambda h: (lambda x: x),
+                     "gemma3_text": lambda h: (lambda x: x.transpose(1, 2)),
+                     "olmo2": heads}.get(cfg.model_type)
         out_hook(base.embed_tokens, "hook_embed")
         out_hook(base.norm, "ln_final.hook_normalized")
         for i, layer in enumerate(base.layers):
@@ -118,9 +133,16 @@ def hf_sites(model, tokens, attention_mask=None) -> tuple[np.ndarray, dict[str, 
             out_hook(attn.k_proj, p + "attn.hook_k", heads(K))
             out_hook(attn.v_proj, p + "attn.hook_v", heads(K))
             in_hook(attn.o_proj, p + "attn.hook_z", heads(H))
-            if gemma2:
+            if qk_layout is not None:
+                out_hook(attn.q_norm, p + "attn.q_norm.hook_normalized", qk_layout(H))
+                out_hook(attn.k_norm, p + "attn.k_norm.hook_normalized", qk_layout(K))
+            if sandwich:
                 out_hook(layer.post_attention_layernorm, p + "hook_attn_out")
                 in_hook(layer.pre_feedforward_layernorm, p + "hook_resid_mid")
+                out_hook(layer.post_feedforward_layernorm, p + "hook_mlp_out")
+            elif post_only:
+                out_hook(layer.post_attention_layernorm, p + "hook_attn_out")
+                in_hook(mlp, p + "hook_resid_mid")
                 out_hook(layer.post_feedforward_layernorm, p + "hook_mlp_out")
             else:
                 out_hook(attn, p + "hook_attn_out")

@@ -199,7 +199,8 @@ def shrink(raw: dict) -> dict:
         small_kv = min(kv, 2)
         small_heads = small_kv * min(heads // kv, 2)
         head_dim = 8
-        out |= {"num_attention_heads": small_heads, "hidden_size": 32 if "head_dim" in raw else small_heads * head_dim,
+        width = 32 if "head_dim" in raw else small_heads * head_dim
+        out |= {"num_attention_heads": small_heads, "hidden_size": width,
                 "intermediate_size": 48, "num_hidden_layers": min(raw["num_hidden_layers"], 6),
                 "max_position_embeddings": 64}
         if "num_key_value_heads" in raw:

@@ -97,6 +97,25 @@ def test_qwen2_config_keeps_an_unused_sliding_window(tmp_path):
     assert CONVERTERS["qwen2"].config_from_hf(raw).windows is None
 
 
+@pytest.mark.parametrize("legacy", [
+    dict(rope_theta=1000.0, rope_local_base_freq=10.0, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    {},  # every rotary field absent: transformers' defaults
+])
+def test_gemma3_older_rope_fields_are_read_as_transformers_reads_them(legacy):
+    """Gemma 3 configs from before per-layer-type ``rope_parameters``: the same model as the
+    per-type form `transformers` converts them to."""
+    import transformers
+
+    raw = {k: v for k, v in hf_config("gemma3_text-qknorm-local-rope").items() if k != "rope_parameters"}
+    raw |= legacy
+    theirs = transformers.Gemma3TextConfig(**raw).to_dict()
+    assert set(theirs["rope_parameters"]) == {"full_attention", "sliding_attention"}
+    convert = CONVERTERS["gemma3_text"]
+    ours = convert.config_from_hf(raw)
+    assert ours == convert.config_from_hf(theirs)
+    assert ours.rope_local_theta == theirs["rope_parameters"]["sliding_attention"]["rope_theta"]
+
+
 @pytest.mark.parametrize("text, match", [
     ("{not json", "not valid JSON"),
     ("", "not valid JSON"),
@@ -127,12 +146,18 @@ _INTEGERS = _HEADS_AND_SIZES | {
     "qwen2": _HEADS_AND_SIZES["llama"] + ["sliding_window"],
     "gemma": _HEADS_AND_SIZES["llama"],
     "gemma2": _HEADS_AND_SIZES["llama"] + ["sliding_window"],
+    "qwen3": _HEADS_AND_SIZES["llama"] + ["sliding_window"],
+    "gemma3_text": _HEADS_AND_SIZES["llama"] + ["sliding_window", "sliding_window_pattern"],
+    "olmo2": _HEADS_AND_SIZES["llama"],
 }
 _POSITIVE_NUMBERS = {"gpt2": ["layer_norm_epsilon"], "gpt_neox": ["layer_norm_eps"],
                      "llama": ["rms_norm_eps"], "mistral": ["rms_norm_eps"], "qwen2": ["rms_norm_eps"],
                      "gemma": ["rms_norm_eps"],
                      "gemma2": ["rms_norm_eps", "query_pre_attn_scalar", "attn_logit_softcapping",
-                                "final_logit_softcapping"]}
+                                "final_logit_softcapping"],
+                     "qwen3": ["rms_norm_eps"], "olmo2": ["rms_norm_eps"],
+                     "gemma3_text": ["rms_norm_eps", "query_pre_attn_scalar", "attn_logit_softcapping",
+                                     "final_logit_softcapping", "rope_theta", "rope_local_base_freq"]}
 _BOOLEANS = {"gpt2": ["tie_word_embeddings", "scale_attn_by_inverse_layer_idx", "scale_attn_weights",
                       "reorder_and_upcast_attn"],
              "gpt_neox": ["tie_word_embeddings", "use_parallel_residual", "attention_bias"],
@@ -140,7 +165,10 @@ _BOOLEANS = {"gpt2": ["tie_word_embeddings", "scale_attn_by_inverse_layer_idx", 
              "mistral": ["tie_word_embeddings"],
              "qwen2": ["tie_word_embeddings", "use_sliding_window"],
              "gemma": ["tie_word_embeddings", "attention_bias", "mlp_bias"],
-             "gemma2": ["tie_word_embeddings", "attention_bias", "mlp_bias"]}
+             "gemma2": ["tie_word_embeddings", "attention_bias", "mlp_bias"],
+             "qwen3": ["tie_word_embeddings", "use_sliding_window", "attention_bias"],
+             "gemma3_text": ["tie_word_embeddings", "attention_bias"],
+             "olmo2": ["tie_word_embeddings", "attention_bias"]}
 _NOT_POSITIVE_INTEGERS = [0, -1, 2.5, "4", True, False, [], {}, math.nan, math.inf]
 _NOT_POSITIVE_NUMBERS = [0, -1, -1e-5, "1e-5", True, [], math.nan, math.inf, -math.inf]
 _NOT_BOOLEANS = [0, 1, "false", "true", [], 2.5]
@@ -200,6 +228,13 @@ def test_required_fields_null_or_absent(tmp_path, name, field):
     ("gemma2-softcap-window", dict(layer_types=[{}, "full_attention"]), "layer type"),
     ("gemma2-softcap-window", dict(use_bidirectional_attention=0), "use_bidirectional_attention=0"),
     ("gpt_neox-sequential", dict(hidden_size=33), "not divisible"),
+    ("gemma3_text-qknorm-local-rope", dict(sliding_window=None), "sliding_attention layers need a window"),
+    ("gemma3_text-qknorm-local-rope", dict(rope_parameters={"full_attention": 3}), "one object per layer"),
+    ("gemma3_text-qknorm-local-rope", dict(rope_parameters={"sliding_attention": {"rope_theta": 0}}),
+     "rope_theta=0 must be a positive number"),
+    ("gemma3_text-qknorm-local-rope",
+     dict(rope_parameters={"full_attention": {"rope_type": "default", "partial_rotary_factor": 0.5}}),
+     "partial_rotary_factor is not implemented for Gemma 3"),
 ])
 def test_nested_and_derived_config_values(tmp_path, name, changes, match):
     refused(write(tmp_path / "ckpt", hf_config(name) | changes), match)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from attrpatch.circuits import (
     validate_edges,
     verify_edges,
 )
+from attrpatch.circuits.engine import EdgeEdit, edge_forward
 from attrpatch.task import METRICS
 
 INDUCTION = "models/attn-only-2l-induction"
@@ -200,6 +202,52 @@ def test_single_edge_effects_match_a_naive_implementation(name, tiny_model, fami
     assert np.abs(want).max() > 1e-2  # the edges really move the metric
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert np.isnan(exact.scores).sum() == exact.scores.size - len(edges)
+
+
+@pytest.mark.parametrize("name, edges", [
+    ("olmo2-postnorm-qknorm", [("input", "a0.h1<q>"), ("input", "a0.h1<k>"), ("a0", "a1.h3<q>"),
+                               ("m0", "a1.h0<k>"), ("a0", "a1.h1<v>"), ("input", "m1"), ("a1", "logits")]),
+    ("qwen3-qknorm-window", [("input", "a0.h3<q>"), ("a0.h2", "a1.h1<k>"), ("m0", "a1.h0<q>")]),
+])
+def test_eap_is_the_derivative_of_single_edge_patching(name, edges, family):
+    """EAP of an edge = d/d(alpha) of the exact edge forward with alpha times the source's
+    difference added to that destination's input alone (jax.jvp): each q/k head's share of a
+    whole-projection q/k norm (OLMo 2, no input norms), and per-head q/k norms (Qwen3)."""
+    model = family(name)[0]
+    task = make_task(seed=2, padded=True)
+    graph = EdgeGraph(model.config)
+    base, src = runs("denoise", task)
+    keys = ("hook_embed", "attn.hook_z", "hook_attn_out", "hook_mlp_out")
+    caches = [model.run(t, task.attention_mask, cache_keys=[k for k in keys if any(
+        n.endswith(k) for n in model.site_names)])[1] for t in (base, src)]
+    reference = reference_of(model, task)
+
+    def output(cache, source):
+        if source == "input":
+            return cache["hook_embed"]
+        layer = int(source[1:].split(".")[0])
+        if source.startswith("m"):
+            return cache["hook_mlp_out"][layer]
+        if "." not in source:
+            return cache["hook_attn_out"][layer]
+        head = int(source.split(".h")[1])
+        return cache["attn.hook_z"][layer][:, :, head] @ model.params["blocks"]["W_O"][layer, head]
+
+    @jax.jit
+    def derivative(destination, delta):
+        def metric(alpha):
+            logits = edge_forward(model.params, model.config, base, task.attention_mask,
+                                  task.answer_positions, EdgeEdit(one_destination=destination,
+                                                                  one_delta=alpha * delta))
+            return METRICS["logit_diff"](logits, task, reference).mean()
+        return jax.jvp(metric, (0.0,), (1.0,))[1]
+
+    want = np.array([derivative(graph.destination_index(d), output(caches[1], s) - output(caches[0], s))
+                     for s, d in edges])
+    eap = attribute_edges(model, task, "eap")
+    got = np.array([eap.score(s, d) for s, d in edges])
+    assert np.abs(want).min() > 1e-4
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
 
 
 def test_by_position_edges_sum_to_the_edge(tiny_model):

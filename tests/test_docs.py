@@ -76,8 +76,12 @@ def test_readme_family_site_table_is_derived_from_the_configs():
         "GPT-NeoX (parallel)": families["gpt_neox-parallel-partial-rotary"],
         "GPT-NeoX (sequential)": families["gpt_neox-sequential"],
         "Llama, Mistral, Qwen2, Gemma, Gemma 2": families["llama-gqa-llama3-rope"],
+        "Qwen3, Gemma 3, OLMo 2": families["qwen3-qknorm-window"],
     }
     for name in ("mistral-window", "qwen2-biases-window", "gemma-mqa", "gemma2-softcap-window"):
         assert family_sites_markdown({"a": families[name]}) == family_sites_markdown(
             {"a": columns["Llama, Mistral, Qwen2, Gemma, Gemma 2"]}), name
+    for name in ("gemma3_text-qknorm-local-rope", "olmo2-postnorm-qknorm"):
+        assert family_sites_markdown({"a": families[name]}) == family_sites_markdown(
+            {"a": columns["Qwen3, Gemma 3, OLMo 2"]}), name
     assert family_sites_markdown(columns) in README

@@ -70,6 +70,12 @@ def _without(model, **changes):
     ("gemma2-softcap-window", dict(attn_scale=4.0)),  # sqrt(head_dim) instead of sqrt(8)
     ("llama-gqa-llama3-rope", dict(rope_type="default", rope_scaling=())),
     ("gpt_neox-parallel-partial-rotary", dict(rotary_dim=8)),
+    ("qwen3-qknorm-window", dict(qk_norm=None)),
+    ("qwen3-qknorm-window", dict(windows=None)),
+    ("gemma3_text-qknorm-local-rope", dict(qk_norm=None)),
+    ("gemma3_text-qknorm-local-rope", dict(rope_local_theta=None)),  # layer 0 with the global base
+    ("olmo2-postnorm-qknorm", dict(qk_norm="head")),  # per head instead of the whole projection
+    ("olmo2-postnorm-qknorm", dict(qk_norm=None)),
 ])
 def test_each_family_feature_changes_the_logits(family, name, feature):
     """The parity test is not vacuous: dropping a feature moves the logits well beyond 1e-4."""
@@ -89,12 +95,25 @@ def test_configs_describe_the_family(family):
     assert cfgs["gemma-mqa"].kv_heads == 1 and cfgs["gemma-mqa"].d_head == 16
     g2 = cfgs["gemma2-softcap-window"]
     assert g2.windows == (3, None) and g2.post_norms and g2.attn_softcap == 1.0
+    q3 = cfgs["qwen3-qknorm-window"]
+    assert q3.qk_norm == "head" and q3.d_head == 16 and q3.windows == (None, 3) and not q3.qkv_bias
+    g3 = cfgs["gemma3_text-qknorm-local-rope"]
+    assert g3.qk_norm == "head" and g3.post_norms and g3.pre_norms and g3.windows == (3, None)
+    assert (g3.rope_local_theta, g3.rope_theta, g3.rope_type) == (10.0, 1000.0, "linear")
+    assert g3.attn_softcap is None and g3.final_softcap is None and g3.attn_scale == 8 ** 0.5
+    o2 = cfgs["olmo2-postnorm-qknorm"]
+    assert o2.qk_norm == "projection" and o2.post_norms and not o2.pre_norms and o2.qkv_bias
+    assert o2.norm_eps == 1e-5 and o2.kv_heads == 2
     sites = {name: set(family(name)[0].site_names) for name in NAMES}
     assert "blocks.0.hook_resid_mid" not in sites["gpt_neox-parallel-partial-rotary"]
     assert "blocks.0.hook_resid_mid" in sites["gpt_neox-sequential"]
     assert "hook_pos_embed" not in sites["llama-gqa-llama3-rope"]
     assert "blocks.1.mlp.hook_pre_linear" in sites["gemma-mqa"]
     assert "blocks.1.attn.hook_rot_k" in sites["qwen2-biases-window"]
+    qk_sites = {f"blocks.1.attn.{n}_norm.hook_normalized" for n in "qk"}
+    assert all(qk_sites <= sites[n] for n in ("qwen3-qknorm-window", "gemma3_text-qknorm-local-rope",
+                                              "olmo2-postnorm-qknorm"))
+    assert not qk_sites & sites["gemma2-softcap-window"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -147,6 +166,9 @@ ROTATION = {
     "qwen2-biases-window": ("mlp_out", "q", "pattern", "z"),
     "gemma-mqa": ("q_by_pos", "v", "post", "k_by_pos"),
     "gemma2-softcap-window": ("resid_mid", "v_by_pos", "attn_out", "mlp_out"),
+    "qwen3-qknorm-window": ("q_by_pos", "k_by_pos"),
+    "gemma3_text-qknorm-local-rope": ("q", "k_by_pos", "resid_mid"),
+    "olmo2-postnorm-qknorm": ("q", "q_by_pos", "k_by_pos", "mlp_out"),
 }
 FULL_MATRIX = os.environ.get("ATTRPATCH_FULL_MATRIX") == "1"
 # Noising from the other run, and the ablations: one per family by default (each on >= 2 families).
@@ -238,12 +260,19 @@ def _rewrite_config(path, **changes):
     ("llama-gqa-llama3-rope", dict(model_type="t5"), "model_type='t5' is not supported"),
     ("llama-gqa-llama3-rope", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}),
      "rope scaling type 'yarn'"),
-    ("llama-gqa-llama3-rope", dict(use_qk_norm=True), "'use_qk_norm' are not implemented"),
+    ("llama-gqa-llama3-rope", dict(use_qk_norm=True), "use_qk_norm=True is not supported"),
     ("llama-gqa-llama3-rope", dict(hidden_act="swish_glu"), "hidden_act='swish_glu'"),
     ("llama-gqa-llama3-rope", dict(num_key_value_heads=3), "not a multiple of num_key_value_heads=3"),
     ("gemma2-softcap-window", dict(layer_types=["chunked_attention", "full_attention"]), "chunked_attention"),
     ("gpt_neox-sequential", dict(hidden_size=None), "missing required GPT-NeoX field 'hidden_size'"),
     ("qwen2-biases-window", dict(quantization_config={"bits": 4}), "quantization_config"),
+    ("gemma3_text-qknorm-local-rope",
+     dict(rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10.0},
+                           "full_attention": {"rope_type": "default", "rope_theta": 1e3}}),
+     "sliding_attention rope_type 'linear' is not implemented"),
+    ("gemma3_text-qknorm-local-rope", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e3}),
+     "one object per layer type"),
+    ("olmo2-postnorm-qknorm", dict(clip_qkv=8.0), "'clip_qkv' are not implemented"),
 ])
 def test_unsupported_configs_are_refused_by_name(family, tmp_path, name, changes, match):
     import shutil
@@ -280,5 +309,8 @@ def test_save_refuses_what_hugging_face_cannot_express_and_writes_nothing(family
     odd = _without(model, windows=(3, 5))
     with pytest.raises(ValueError, match="one sliding_window"):
         save_model(odd, tmp_path / "out")
+    per_head = _without(family("olmo2-postnorm-qknorm")[0], qk_norm="head")
+    with pytest.raises(ValueError, match="OLMo 2 config.json cannot express qk_norm='head'"):
+        save_model(per_head, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == []

@@ -10,6 +10,7 @@ largest effect).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -36,6 +37,11 @@ LLAMA_GQA = ModelConfig(n_layers=2, d_model=32, n_heads=8, d_mlp=16, n_ctx=16, d
                         architecture="llama", n_kv_heads=2, norm="rmsnorm", positions="rotary",
                         gated_mlp=True, act_fn="silu", qkv_bias=False, attn_out_bias=False,
                         mlp_bias=False, tie_word_embeddings=False, rope_theta=100.0)
+# 8 query heads over 2 kv heads with the 2025 families' switches: no input norms, post-norms, a
+# q/k norm over the whole projection (a sum over the heads the model axis splits), a sliding-window
+# layer with its own rotary base.
+POST_NORM_QK = dataclasses.replace(LLAMA_GQA, architecture="olmo2", pre_norms=False, post_norms=True,
+                                   qk_norm="projection", windows=(3, None), rope_local_theta=10.0)
 SETUPS = {"gpt2": (GPT2, 5), "llama_gqa": (LLAMA_GQA, 8)}
 
 
@@ -174,6 +180,20 @@ def test_exact_every_granularity_on_a_2x4_mesh(reference, direction):
     cfg, batch = SETUPS["llama_gqa"]
     got = _run(f"exact_all_{direction}", _model(cfg), _task(cfg, batch), make_mesh(2, 4))
     _assert_same(got, reference("llama_gqa", f"exact_all_{direction}"), 1e-9)
+
+
+def test_post_norms_and_whole_projection_qk_norm_on_a_2x4_mesh(float64):
+    """The 2025 families' switches on a mesh that splits the heads the q/k norm sums over: AtP*
+    (the QK fix recomputes every head's norm) and exact patching of queries and keys give the
+    single-device numbers."""
+    model, task = _model(POST_NORM_QK), _task(POST_NORM_QK, 8)
+
+    def run(mesh):
+        return [attribute(model, task, ("q", "k_by_pos", "z"), method="atp_star", mesh=mesh),
+                patch(model, task, ("resid_pre", "q_by_pos", "k"), per_prompt=True, progress=False,
+                      mesh=mesh)]
+
+    _assert_same(run(make_mesh(2, 4)), run(None), 1e-9)
 
 
 def test_float32_on_a_mesh_within_rounding():

@@ -19,6 +19,7 @@ from attrpatch.arch.hub_audit import (
     reinterpret,
 )
 
+
 def check_int(key: str, value, minimum: int = 1) -> int:
     """`value` as an int, or a ValueError naming `key` (bools, strings, NaN and fractions refused)."""
     if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)

@@ -1,12 +1,15 @@
-"""The Llama family (``model_type: llama``, ``mistral``, ``qwen2``) and Gemma (``gemma``,
-``gemma2``): Hugging Face config and tensors in and out.
+"""The Llama family (``model_type: llama``, ``mistral``, ``qwen2``, ``qwen3``, ``olmo2``) and Gemma
+(``gemma``, ``gemma2``, ``gemma3_text``): Hugging Face config and tensors in and out.
 
 HF layout: ``model.embed_tokens``, per layer ``model.layers.{i}.{input_layernorm,
 self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp.{gate,up,down}_proj}``, ``model.norm``,
 ``lm_head`` when untied. Gemma 2 adds ``pre_feedforward_layernorm`` and
 ``post_feedforward_layernorm``, and its ``post_attention_layernorm`` is the post-norm of the
-attention output. Gemma's RMSNorm multiplies by ``1 + w`` and its embeddings by
-``sqrt(d_model)``: both are folded into our weights at load and unfolded on save.
+attention output; Gemma 3 too. OLMo 2 has no ``input_layernorm``: its
+``post_attention_layernorm`` and ``post_feedforward_layernorm`` are post-norms. Qwen3, Gemma 3
+and OLMo 2 add ``self_attn.{q,k}_norm`` (OLMo 2's over the whole projection). Gemma's RMSNorm
+multiplies by ``1 + w`` and its embeddings by ``sqrt(d_model)``: both are folded into our weights
+at load and unfolded on save.
 """
 
 from __future__ import annotations
@@ -29,11 +32,15 @@ from attrpatch.arch.convert import (
     write_windows,
 )
 
-FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma",
-            "gemma2": "Gemma 2"}
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+            "olmo2": "OLMo 2", "gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
 _HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-               "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM",
-               "gemma2": "Gemma2ForCausalLM"}
+               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+               "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+               "gemma3_text": "Gemma3ForCausalLM"}
+# q/k norms (`ModelConfig.qk_norm`) by family
+_QK_NORMS = {"qwen3": "head", "gemma3_text": "head", "olmo2": "projection"}
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 # (the field the MLP activation is read from, the other name transformers ignores), where not
 # ("hidden_act", "hidden_activation")
@@ -63,10 +70,10 @@ def config_from_hf(raw: dict) -> ModelConfig:
     if act not in ACTIVATIONS:
         c.refuse(act_key, f"supported: {', '.join(ACTIVATIONS)}")
     n_ctx = c.int("max_position_embeddings")
-    rope = read_rope(c, n_ctx)
+    rope = _gemma3_rope(c, n_ctx) if model_type == "gemma3_text" else read_rope(c, n_ctx)
     rotary_dim = int(head_dim * rope.pop("partial_rotary_factor"))
     fields = {}
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         use_window = c.bool("use_sliding_window", False)
         window = c.int("sliding_window", required=False)  # checked even when unused: Qwen2 configs keep it
         first = c.int("max_window_layers", n_layers, minimum=0)
@@ -77,8 +84,9 @@ def config_from_hf(raw: dict) -> ModelConfig:
         every = ["sliding_attention"] * n_layers
         fields["windows"] = read_windows(c, n_layers, c.int("sliding_window", required=False), every)
         fields |= dict(qkv_bias=False, attn_out_bias=False, mlp_bias=False)
-    elif model_type == "gemma2":
-        default = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
+    elif model_type in ("gemma2", "gemma3_text"):
+        every = c.int("sliding_window_pattern") if model_type == "gemma3_text" else 2
+        default = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layers)]
         fields["windows"] = read_windows(c, n_layers, c.int("sliding_window", required=False), default)
         fields |= dict(attn_scale=math.sqrt(c.float("query_pre_attn_scalar", head_dim, positive=True)),
                        attn_softcap=c.float("attn_logit_softcapping", positive=True, required=False),
@@ -87,6 +95,17 @@ def config_from_hf(raw: dict) -> ModelConfig:
     if model_type in ("llama", "gemma", "gemma2"):
         bias = c.bool("attention_bias", False)
         fields |= dict(qkv_bias=bias, attn_out_bias=bias, mlp_bias=c.bool("mlp_bias", False))
+    if model_type in _QK_NORMS:  # `attention_bias` on q, k, v and o; MLPs without biases
+        bias = c.bool("attention_bias", False)
+        fields |= dict(qkv_bias=bias, attn_out_bias=bias, mlp_bias=False, qk_norm=_QK_NORMS[model_type])
+    if model_type == "gemma3_text":  # sliding-window layers rotate with their own base
+        local_theta = rope.pop("rope_local_theta")
+        types = c.get("layer_types", default)
+        if fields["windows"] is None and isinstance(types, list) and "sliding_attention" in types:
+            c.refuse("sliding_window", "Gemma 3's sliding_attention layers need a window")
+        fields["rope_local_theta"] = None if fields["windows"] is None else local_theta
+    if model_type == "olmo2":
+        fields |= dict(pre_norms=False, post_norms=True)
     cfg = ModelConfig(
         architecture=model_type, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
         n_kv_heads=n_kv, head_dim=head_dim, d_mlp=c.int("intermediate_size"),
@@ -99,8 +118,52 @@ def config_from_hf(raw: dict) -> ModelConfig:
     return cfg
 
 
+def _gemma3_rope(c: HFConfig, n_ctx: int) -> dict:
+    """Gemma 3's rotary settings, as `read_rope` returns them plus ``rope_local_theta``: one
+    ``rope_parameters`` object per layer type (``full_attention``: base and scaling;
+    ``sliding_attention``: the base of sliding-window layers, which rotate unscaled), or the older
+    ``rope_theta`` + ``rope_scaling`` (full attention) and ``rope_local_base_freq``."""
+    per_type = c.get("rope_parameters", {})
+    if (not isinstance(per_type, dict) or set(per_type) - set(_LAYER_TYPES)
+            or not all(isinstance(v, dict) for v in per_type.values())):
+        c.refuse("rope_parameters", "Gemma 3 gives one object per layer type, "
+                 "{'full_attention': {...}, 'sliding_attention': {...}}")
+    scaling = c.get("rope_scaling", {})
+    if not isinstance(scaling, dict):
+        c.refuse("rope_scaling", "expected an object")
+
+    def read(params: dict, theta: float) -> dict:  # `theta`: the base where `params` has none
+        return read_rope(HFConfig({"rope_parameters": params, "rope_theta": theta}, c.family, ""), n_ctx)
+
+    full = read(per_type.get("full_attention", {}) | scaling, c.float("rope_theta", positive=True))
+    local = read(per_type.get("sliding_attention", {}), c.float("rope_local_base_freq", positive=True))
+    if local["rope_type"] != "default":
+        c.refuse("rope_parameters", f"sliding_attention rope_type {local['rope_type']!r} is not "
+                 "implemented (sliding-window layers rotate unscaled)")
+    if full["partial_rotary_factor"] != 1 or local["partial_rotary_factor"] != 1:
+        c.refuse("rope_parameters", "partial_rotary_factor is not implemented for Gemma 3")
+    return full | {"rope_local_theta": local["rope_theta"]}
+
+
+def _gemma3_rope_out(cfg: ModelConfig) -> dict:
+    """``rope_parameters`` per layer type for a Gemma 3 config.json."""
+    if cfg.rope_local_theta is None and cfg.windows is not None and cfg.rope_type != "default":
+        raise ValueError("Gemma 3 configs rotate sliding-window layers unscaled; this model scales "
+                         "them (set rope_local_theta)")
+    local = cfg.rope_theta if cfg.rope_local_theta is None else cfg.rope_local_theta
+    return {"full_attention": write_rope(cfg),
+            "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+
+
 def config_to_hf(cfg: ModelConfig) -> dict:
     mt = cfg.architecture
+    fixed = {"qk_norm": _QK_NORMS.get(mt), "pre_norms": mt != "olmo2",
+             "post_norms": mt in ("gemma2", "gemma3_text", "olmo2")}  # what each family has
+    wrong = [f"{k}={getattr(cfg, k)!r}" for k, v in fixed.items() if getattr(cfg, k) != v]
+    if cfg.rope_local_theta is not None and mt != "gemma3_text":
+        wrong.append(f"rope_local_theta={cfg.rope_local_theta!r}")
+    if wrong:
+        raise ValueError(f"a {FAMILIES[mt]} config.json cannot express {', '.join(wrong)}")
     out = {
         "model_type": mt, "architectures": [_HF_CLASSES[mt]],
         "num_hidden_layers": cfg.n_layers, "hidden_size": cfg.d_model,
@@ -108,18 +171,22 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "head_dim": cfg.d_head, "intermediate_size": cfg.d_mlp,
         "max_position_embeddings": cfg.n_ctx, "vocab_size": cfg.d_vocab,
         "rms_norm_eps": cfg.norm_eps, "rope_parameters": write_rope(cfg),
-        "hidden_activation" if mt == "gemma2" else "hidden_act": cfg.act_fn,
+        "hidden_activation" if mt in ("gemma2", "gemma3_text") else "hidden_act": cfg.act_fn,
         "tie_word_embeddings": cfg.tie_word_embeddings,
     }
-    if mt in ("llama", "gemma", "gemma2"):
+    if mt in ("llama", "gemma", "gemma2", *_QK_NORMS):
         out["attention_bias"] = cfg.qkv_bias
     if mt == "llama":
         out["mlp_bias"] = cfg.mlp_bias
-    if mt in ("mistral", "gemma2"):
+    if mt in ("mistral", "gemma2", "gemma3_text"):
         out |= write_windows(cfg)
-    if mt == "qwen2":
+    if mt in ("qwen2", "qwen3"):
         out |= write_windows(cfg) | {"use_sliding_window": cfg.windows is not None}
-    if mt == "gemma2":
+    if mt == "gemma3_text":
+        out["rope_parameters"] = _gemma3_rope_out(cfg)
+        if cfg.windows is None:  # every layer full; transformers still needs a (then unused) window
+            out |= {"layer_types": ["full_attention"] * cfg.n_layers, "sliding_window": cfg.n_ctx}
+    if mt in ("gemma2", "gemma3_text"):
         out |= {"query_pre_attn_scalar": _integral(cfg.attn_scale ** 2),
                 "attn_logit_softcapping": cfg.attn_softcap,
                 "final_logit_softcapping": cfg.final_softcap}
@@ -143,7 +210,6 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, dtype) -> d
     norm = lambda suffix: _norm_in(stack(suffix + ".weight", (d,)), gemma)
     attn = "self_attn.{}_proj."
     blocks = {
-        "ln1_w": norm("input_layernorm"),
         "W_Q": heads_in(stack(attn.format("q") + "weight", (H * dh, d)), H),
         "W_K": heads_in(stack(attn.format("k") + "weight", (K * dh, d)), K),
         "W_V": heads_in(stack(attn.format("v") + "weight", (K * dh, d)), K),
@@ -152,12 +218,20 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, dtype) -> d
         "W_in": stack("mlp.up_proj.weight", (dm, d)).transpose(0, 2, 1),
         "W_out": stack("mlp.down_proj.weight", (d, dm)).transpose(0, 2, 1),
     }
+    if cfg.pre_norms:
+        blocks["ln1_w"] = norm("input_layernorm")
     if cfg.post_norms:
         blocks |= {"ln1_post_w": norm("post_attention_layernorm"),
-                   "ln2_w": norm("pre_feedforward_layernorm"),
                    "ln2_post_w": norm("post_feedforward_layernorm")}
+        if cfg.pre_norms:
+            blocks["ln2_w"] = norm("pre_feedforward_layernorm")
     else:
         blocks["ln2_w"] = norm("post_attention_layernorm")
+    if cfg.qk_norm is not None:  # [d_head] per layer, or [heads * d_head] (whole projection)
+        for n, h in (("q", H), ("k", K)):
+            shape = (dh,) if cfg.qk_norm == "head" else (h, dh)
+            w = stack(f"self_attn.{n}_norm.weight", (math.prod(shape),)).reshape(L, *shape)
+            blocks[f"{n}_norm_w"] = _norm_in(w, gemma)
     if cfg.qkv_bias:
         blocks |= {f"b_{n}": stack(attn.format(n.lower()) + "bias", (h * dh,)).reshape(L, h, dh)
                    for n, h in (("Q", H), ("K", K), ("V", K))}
@@ -190,19 +264,23 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
         h = f"model.layers.{i}."
         a = h + "self_attn."
         out |= {
-            h + "input_layernorm.weight": norm(b["ln1_w"][i]),
             a + "q_proj.weight": heads_out(b["W_Q"][i]), a + "k_proj.weight": heads_out(b["W_K"][i]),
             a + "v_proj.weight": heads_out(b["W_V"][i]),
             a + "o_proj.weight": b["W_O"][i].reshape(-1, d).T,
             h + "mlp.gate_proj.weight": b["W_gate"][i].T, h + "mlp.up_proj.weight": b["W_in"][i].T,
             h + "mlp.down_proj.weight": b["W_out"][i].T,
         }
+        if cfg.pre_norms:
+            out[h + "input_layernorm.weight"] = norm(b["ln1_w"][i])
         if cfg.post_norms:
             out |= {h + "post_attention_layernorm.weight": norm(b["ln1_post_w"][i]),
-                    h + "pre_feedforward_layernorm.weight": norm(b["ln2_w"][i]),
                     h + "post_feedforward_layernorm.weight": norm(b["ln2_post_w"][i])}
+            if cfg.pre_norms:
+                out[h + "pre_feedforward_layernorm.weight"] = norm(b["ln2_w"][i])
         else:
             out[h + "post_attention_layernorm.weight"] = norm(b["ln2_w"][i])
+        if cfg.qk_norm is not None:
+            out |= {a + f"{n}_norm.weight": norm(b[f"{n}_norm_w"][i]).reshape(-1) for n in "qk"}
         if cfg.qkv_bias:
             out |= {a + f"{n.lower()}_proj.bias": b[f"b_{n}"][i].reshape(-1) for n in "QKV"}
         if cfg.attn_out_bias:

@@ -2,18 +2,20 @@
 
 Parameters are a plain dict pytree; block weights are stacked over a leading layer axis ``L`` so
 the forward is one `lax.scan`. Which keys exist follows from the config (biases, gated MLP,
-LayerNorm biases, post-norms, learned positions):
+LayerNorm biases, pre- and post-norms, q/k norms, learned positions):
 
 | key | shape | present (blank: as the row above) |
 |---|---|---|
 | ``W_E`` | ``[d_vocab, d_model]`` | always (Gemma's ``sqrt(d_model)`` folded in) |
 | ``W_pos`` | ``[n_ctx, d_model]`` | learned positions |
-| ``blocks.ln1_w`` / ``ln1_b`` | ``[L, d_model]`` | always / LayerNorm |
+| ``blocks.ln1_w`` / ``ln1_b`` | ``[L, d_model]`` | `pre_norms` / and LayerNorm |
 | ``blocks.W_Q`` / ``b_Q`` | ``[L, d_model, head, d_head]`` / ``[L, head, d_head]`` | always / `qkv_bias` |
 | ``blocks.W_K``, ``W_V`` / ``b_K, b_V`` | ``[L, d_model, kv_head, d_head]`` / ``[L, kv_head, d_head]`` | |
+| ``blocks.q_norm_w``, ``k_norm_w`` | ``[L, d_head]`` each | `qk_norm` ``"head"`` |
+| ``blocks.q_norm_w`` / ``k_norm_w`` | ``[L, head, d_head]`` / ``[L, kv_head, d_head]`` | ``"projection"`` |
 | ``blocks.W_O`` / ``b_O`` | ``[L, head, d_head, d_model]`` / ``[L, d_model]`` | always / `attn_out_bias` |
 | ``blocks.ln1_post_w``, ``ln2_post_w`` | ``[L, d_model]`` | `post_norms` |
-| ``blocks.ln2_w`` / ``ln2_b`` | ``[L, d_model]`` | MLPs / and LayerNorm |
+| ``blocks.ln2_w`` / ``ln2_b`` | ``[L, d_model]`` | MLPs and `pre_norms` / and LayerNorm |
 | ``blocks.W_in`` / ``b_in`` | ``[L, d_model, d_mlp]`` / ``[L, d_mlp]`` | MLPs / `mlp_bias` (up, if gated) |
 | ``blocks.W_gate`` / ``b_gate`` | ``[L, d_model, d_mlp]`` / ``[L, d_mlp]`` | `gated_mlp` / and `mlp_bias` |
 | ``blocks.W_out`` / ``b_out`` | ``[L, d_mlp, d_model]`` / ``[L, d_model]`` | MLPs / `mlp_bias` |
@@ -21,7 +23,8 @@ LayerNorm biases, post-norms, learned positions):
 | ``W_U`` | ``[d_model, d_vocab]`` | always |
 
 The phases (the exact-patching engine calls them on packed rows, each row with its position):
-:func:`embed`; :func:`attention_inputs` (hooks q, k, v, then rot_q, rot_k); :func:`mix` (grouped
+:func:`embed`; :func:`attention_inputs` (hooks q, k, v, then q_norm, k_norm, then rot_q, rot_k,
+with the layer's rotary frequencies from :func:`layer_constants`); :func:`mix` (grouped
 query heads, soft-cap, masks, scores and pattern hooks); :func:`block_output` (W_O, post-norm,
 MLP, sequential or parallel, with :func:`mlp`); :func:`final_norm` and :func:`unembed` (soft-cap).
 """
@@ -82,17 +85,32 @@ def norm_vjp(x: Float[Array, "... d"], w, cotangents: Float[Array, "n ... d"], c
     return r * (centred - x_hat * (v * x_hat).mean(-1, keepdims=True))
 
 
+def qk_normalize(x: Float[Array, "batch pos head d_head"], w, cfg: ModelConfig
+                 ) -> Float[Array, "batch pos head d_head"]:
+    """The q/k norm (`cfg.qk_norm`) of queries or keys with weight `w`: over each head's
+    features (``"head"``, `w` ``[d_head]``) or over all heads' at once (``"projection"``, `w`
+    ``[head, d_head]``). Leading axes are free."""
+    if cfg.qk_norm == "head":
+        return norm(x, w, None, cfg)
+    flat = x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+    return norm(flat, w.reshape(-1), None, cfg).reshape(x.shape)
+
+
 def softcap(x: Array, cap: float | None) -> Array:
     """``cap * tanh(x / cap)`` (identity for None)."""
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-def rotary_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies ``[rotary_width // 2]`` (float32), with the config's scaling, as
-    Hugging Face computes them (`modeling_rope_utils`)."""
+def rotary_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """Inverse frequencies ``[rotary_width // 2]`` (float32) as Hugging Face computes them
+    (`modeling_rope_utils`): from `rope_theta` with the config's scaling, or for a `local`
+    (sliding-window) layer from `rope_local_theta`, unscaled."""
     dim = cfg.rotary_width
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)))
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)))
     inv = inv.astype(np.float32)
+    if local:
+        return inv
     scaling = dict(cfg.rope_scaling)
     if cfg.rope_type == "linear":
         inv = inv / np.float32(scaling["factor"])
@@ -109,11 +127,12 @@ def rotary_inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 
 def rotate(x: Float[Array, "batch pos head d_head"], positions: Int[Array, "batch pos"],
-           cfg: ModelConfig) -> Float[Array, "batch pos head d_head"]:
-    """Rotary embedding of the first `rotary_width` features of each head at explicit positions
-    (rotate-half layout; the rest pass through)."""
-    r = cfg.rotary_width
-    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(rotary_inv_freq(cfg))
+           inv_freq: Float[Array, " half"]) -> Float[Array, "batch pos head d_head"]:
+    """Rotary embedding of the first ``2 * half`` features of each head at explicit positions,
+    with inverse frequencies `inv_freq` (a layer's, from :func:`layer_constants`; rotate-half
+    layout; the rest pass through)."""
+    r = 2 * inv_freq.shape[-1]
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq
     emb = jnp.concatenate([freqs, freqs], -1)[:, :, None]  # [batch, pos, 1, r]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
     xr, rest = x[..., :r], x[..., r:]
@@ -132,13 +151,19 @@ def keep_mask(query_pos: Int[Array, "batch q"], key_pos: Int[Array, "batch k"], 
 
 def layer_constants(cfg: ModelConfig) -> dict[str, Array]:
     """Per-layer attention constants, scanned with the blocks: ``scale`` (the logits' divisor)
-    and ``window`` (sliding-window length; int32 max for none), each ``[n_layers]``."""
+    and ``window`` (sliding-window length; int32 max for none), each ``[n_layers]``, and
+    ``inv_freq`` ``[n_layers, rotary_width // 2]`` (the rotary frequencies: sliding-window layers
+    have their own where `rope_local_theta` is set; zero-width without rotary)."""
     scale = cfg.attn_scale if cfg.attn_scale is not None else math.sqrt(cfg.d_head)
     scales = np.full(cfg.n_layers, scale, np.float32)
     if cfg.scale_attn_by_inverse_layer_idx:
         scales = scales * np.arange(1, cfg.n_layers + 1, dtype=np.float32)
-    windows = [_NO_WINDOW if w is None else w for w in (cfg.windows or [None] * cfg.n_layers)]
-    return {"scale": jnp.asarray(scales), "window": jnp.asarray(windows, jnp.int32)}
+    layer_windows = cfg.windows or (None,) * cfg.n_layers
+    windows = [_NO_WINDOW if w is None else w for w in layer_windows]
+    local = [w is not None and cfg.rope_local_theta is not None for w in layer_windows]
+    inv_freq = np.stack([rotary_inv_freq(cfg, is_local) for is_local in local])
+    return {"scale": jnp.asarray(scales), "window": jnp.asarray(windows, jnp.int32),
+            "inv_freq": jnp.asarray(inv_freq)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,25 +180,46 @@ def embed(params: dict, cfg: ModelConfig, tokens: Int[Array, "batch pos"], hook:
 
 
 def attention_inputs(p: dict, cfg: ModelConfig, resid: Float[Array, "batch pos d_model"] | tuple,
-                     positions: Int[Array, "batch pos"], hook: Hook) -> tuple[Array, Array, Array]:
+                     positions: Int[Array, "batch pos"], hook: Hook, *, inv_freq: Float[Array, " half"]
+                     ) -> tuple[Array, Array, Array]:
     """Queries ``[batch, pos, head, d_head]``, keys and values ``[batch, pos, kv_head, d_head]``
-    of one block (`p` its slice), rotary applied at `positions` (hooks q, k, v, rot_q, rot_k).
+    of one block (`p` its slice): the input norm, projections and biases (hooks q, k, v), the
+    q/k norms (hooks q_norm, k_norm), rotary at `positions` with the layer's `inv_freq`
+    (``layer_constants(cfg)["inv_freq"][layer]``; hooks rot_q, rot_k).
 
     `resid` is the residual stream the block reads, or (the edge engine) each head's own copy:
     a tuple ``([head, batch, pos, d_model], [kv_head, ...], [kv_head, ...])`` for q, k and v.
+    Each head's query (key, value) is then what the block computes from its own copy: with a
+    whole-projection q/k norm (``"projection"``), the copy's whole projection is normalised and
+    the head's slice kept (the q and k hooks observe the heads' raw slices there).
     """
-    if isinstance(resid, tuple):
-        q, k, v = (jnp.einsum("hbpd,dhe->bphe", norm(x, p["ln1_w"], p.get("ln1_b"), cfg), p[f"W_{n}"])
-                   for n, x in zip("QKV", resid, strict=True))
+    def read(x):  # the input norm
+        return norm(x, p["ln1_w"], p.get("ln1_b"), cfg) if cfg.pre_norms else x
+
+    def project(name, x, spec):
+        out = jnp.einsum(spec, x, p[f"W_{name}"])
+        return out + p[f"b_{name}"] if cfg.qkv_bias else out
+
+    per_copy = isinstance(resid, tuple)
+    if per_copy:
+        copies = [read(x) for x in resid]
+        q, k, v = (project(n, x, "hbpd,dhe->bphe") for n, x in zip("QKV", copies, strict=True))
     else:
-        x = norm(resid, p["ln1_w"], p.get("ln1_b"), cfg)
-        q, k, v = (jnp.einsum("bpd,dhe->bphe", x, p[f"W_{n}"]) for n in "QKV")
-    if cfg.qkv_bias:
-        q, k, v = q + p["b_Q"], k + p["b_K"], v + p["b_V"]
+        x = read(resid)
+        q, k, v = (project(n, x, "bpd,dhe->bphe") for n in "QKV")
     q, k, v = hook("attn.hook_q", q), hook("attn.hook_k", k), hook("attn.hook_v", v)
+    if cfg.qk_norm is not None:
+        if per_copy and cfg.qk_norm == "projection":  # copy c's whole projection, head c kept
+            q, k = (jnp.einsum("hbphe->bphe", qk_normalize(project(n, x, "cbpd,dhe->cbphe"),
+                                                           p[f"{n.lower()}_norm_w"], cfg))
+                    for n, x in zip("QK", copies[:2], strict=True))
+        else:
+            q, k = qk_normalize(q, p["q_norm_w"], cfg), qk_normalize(k, p["k_norm_w"], cfg)
+        q = hook("attn.q_norm.hook_normalized", q)
+        k = hook("attn.k_norm.hook_normalized", k)
     if cfg.positions == "rotary":
-        q = hook("attn.hook_rot_q", rotate(q, positions, cfg))
-        k = hook("attn.hook_rot_k", rotate(k, positions, cfg))
+        q = hook("attn.hook_rot_q", rotate(q, positions, inv_freq))
+        k = hook("attn.hook_rot_k", rotate(k, positions, inv_freq))
     return q, k, v
 
 
@@ -232,9 +278,9 @@ def block_output(p: dict, cfg: ModelConfig, resid: Float[Array, "batch pos d_mod
 
 def mlp(p: dict, cfg: ModelConfig, mlp_in: Float[Array, "... d_model"], hook: Hook
         ) -> Float[Array, "... d_model"]:
-    """A block's MLP on the residual stream it reads: norm, (gated) MLP, post-norm; what it
-    writes to the residual stream (``hook_mlp_out``)."""
-    x = norm(mlp_in, p["ln2_w"], p.get("ln2_b"), cfg)
+    """A block's MLP on the residual stream it reads: norm (`pre_norms`), (gated) MLP, post-norm;
+    what it writes to the residual stream (``hook_mlp_out``)."""
+    x = norm(mlp_in, p["ln2_w"], p.get("ln2_b"), cfg) if cfg.pre_norms else mlp_in
 
     def linear(name: str) -> Array:
         out = x @ p[f"W_{name}"]
@@ -256,9 +302,10 @@ def mlp(p: dict, cfg: ModelConfig, mlp_in: Float[Array, "... d_model"], hook: Ho
 
 
 def block(p: dict, cfg: ModelConfig, resid: Float[Array, "batch pos d_model"],
-          positions: Int[Array, "batch pos"], iv: Interventions, attend: Callable
-          ) -> tuple[Float[Array, "batch pos d_model"], dict[str, Array]]:
-    """One transformer block on rows at `positions`; `p` and `iv` are this layer's slices.
+          positions: Int[Array, "batch pos"], iv: Interventions, attend: Callable, *,
+          inv_freq: Float[Array, " half"]) -> tuple[Float[Array, "batch pos d_model"], dict[str, Array]]:
+    """One transformer block on rows at `positions`; `p`, `iv` and `inv_freq` (the rotary
+    frequencies, :func:`layer_constants`) are this layer's slices.
 
     `attend(q, k, v, hook) -> z` does the attention mixing (the forward passes :func:`mix` with
     the layer's masks; the patching engine, whose rows are packed from many patched runs, passes
@@ -272,7 +319,7 @@ def block(p: dict, cfg: ModelConfig, resid: Float[Array, "batch pos d_model"],
         return x
 
     resid = hook("hook_resid_pre", resid)
-    q, k, v = attention_inputs(p, cfg, resid, positions, hook)
+    q, k, v = attention_inputs(p, cfg, resid, positions, hook, inv_freq=inv_freq)
     z = hook("attn.hook_z", attend(q, k, v, hook))
     return block_output(p, cfg, resid, z, hook), acts
 
@@ -338,7 +385,7 @@ def forward(
         p, consts, iv = xs
         keep = keep_mask(positions, positions, consts["window"], real)
         attend = lambda q, k, v, hook: mix(q, k, v, keep, consts["scale"], cfg, hook)
-        resid, acts = block(p, cfg, resid, positions, iv, attend)
+        resid, acts = block(p, cfg, resid, positions, iv, attend, inv_freq=consts["inv_freq"])
         return resid, {k: acts[k] for k in wanted}
 
     if remat:
@@ -364,10 +411,16 @@ def init_params(cfg: ModelConfig, key: Array, dtype=jnp.float32) -> dict:
     ones, zeros = (lambda *s: jnp.ones(s, dtype)), (lambda *s: jnp.zeros(s, dtype))
     out_std = 0.02 / math.sqrt(2 * L)
     layernorm = cfg.norm == "layernorm"
-    blocks = {"ln1_w": ones(L, d), "W_Q": normal((L, d, H, dh)), "W_K": normal((L, d, K, dh)),
+    blocks = {"W_Q": normal((L, d, H, dh)), "W_K": normal((L, d, K, dh)),
               "W_V": normal((L, d, K, dh)), "W_O": normal((L, H, dh, d), out_std)}
-    if layernorm:
-        blocks["ln1_b"] = zeros(L, d)
+    if cfg.pre_norms:
+        blocks["ln1_w"] = ones(L, d)
+        if layernorm:
+            blocks["ln1_b"] = zeros(L, d)
+    if cfg.qk_norm == "head":
+        blocks |= {"q_norm_w": ones(L, dh), "k_norm_w": ones(L, dh)}
+    elif cfg.qk_norm == "projection":
+        blocks |= {"q_norm_w": ones(L, H, dh), "k_norm_w": ones(L, K, dh)}
     if cfg.qkv_bias:
         blocks |= {"b_Q": zeros(L, H, dh), "b_K": zeros(L, K, dh), "b_V": zeros(L, K, dh)}
     if cfg.attn_out_bias:
@@ -375,9 +428,11 @@ def init_params(cfg: ModelConfig, key: Array, dtype=jnp.float32) -> dict:
     if cfg.post_norms:
         blocks["ln1_post_w"] = ones(L, d)
     if not cfg.attn_only:
-        blocks |= {"ln2_w": ones(L, d), "W_in": normal((L, d, dm)), "W_out": normal((L, dm, d), out_std)}
-        if layernorm:
-            blocks["ln2_b"] = zeros(L, d)
+        blocks |= {"W_in": normal((L, d, dm)), "W_out": normal((L, dm, d), out_std)}
+        if cfg.pre_norms:
+            blocks["ln2_w"] = ones(L, d)
+            if layernorm:
+                blocks["ln2_b"] = zeros(L, d)
         if cfg.gated_mlp:
             blocks["W_gate"] = normal((L, d, dm))
         if cfg.mlp_bias:

@@ -162,8 +162,11 @@ class _Runs:
 
 def _destination_sites(cfg) -> tuple[str, ...]:
     """The sites just after each destination's own read of the residual stream (its norm and
-    projection): queries, keys, values, the MLP's first projections."""
+    projection): queries, keys, values, the MLP's first projections. A whole-projection q/k norm
+    mixes the heads, so there a query or key head's read ends after it."""
     keys = ["attn.hook_q", "attn.hook_k", "attn.hook_v"]
+    if cfg.qk_norm == "projection":
+        keys[:2] = ["attn.q_norm.hook_normalized", "attn.k_norm.hook_normalized"]
     if not cfg.attn_only:
         keys += ["mlp.hook_pre", "mlp.hook_pre_linear"] if cfg.gated_mlp else ["mlp.hook_pre"]
     return tuple(keys)
@@ -190,28 +193,49 @@ def _sources_from_cache(params, cfg, cache) -> jax.Array:
 def _input_gradients(params, cfg, cache, grads, answer_positions) -> jax.Array:
     """dMetric/d(each destination's own copy of its input) ``[Dst, B, T, D]``, in graph order,
     from the gradients at the destination sites (`grads`, by site key): each destination's
-    read (norm, then its projection) is pulled back from its own residual input."""
+    read (norm, then its projection, then a whole-projection q/k norm) is pulled back from its
+    own residual input."""
     blocks = params["blocks"]
 
     def pull(x, w, cotangent):  # the norm's VJP at x, for cotangents [n, B, T, D]
         return T.norm_vjp(x, w, cotangent, cfg)
 
-    def layer(p, resid_pre, resid_mid, g):
-        back = {n: jnp.einsum("bthe,dhe->hbtd", g[f"attn.hook_{n.lower()}"], p[f"W_{n}"])
-                for n in "QKV"}
-        out = [pull(resid_pre, p["ln1_w"], back[n]) for n in "QKV"]
+    def heads_back(g, raw, w):
+        """Whole-projection q/k norm: head h's cotangent ``[B, T, head, d_head]`` alone, pulled
+        back through the norm at the raw projection: ``[head, B, T, head, d_head]``."""
+        n_heads, width = raw.shape[2], raw.shape[2] * raw.shape[3]
+        own = jnp.eye(n_heads, dtype=g.dtype)[:, None, None, :, None] * g[None]
+        pulled = pull(raw.reshape(*raw.shape[:2], width), w.reshape(width),
+                      own.reshape(*own.shape[:3], width))
+        return pulled.reshape(own.shape)
+
+    def layer(p, resid_pre, resid_mid, g, raw):
+        def pull_in(x, name, cotangent):  # through the input norm `name` (ln1_w, ln2_w), if any
+            return pull(x, p[name], cotangent) if cfg.pre_norms else cotangent
+
+        back = {}
+        for n in "QKV":
+            if cfg.qk_norm == "projection" and n != "V":
+                per_head = heads_back(g[f"attn.{n.lower()}_norm.hook_normalized"], raw[n],
+                                      p[f"{n.lower()}_norm_w"])
+                back[n] = jnp.einsum("hbtge,dge->hbtd", per_head, p[f"W_{n}"])
+            else:
+                back[n] = jnp.einsum("bthe,dhe->hbtd", g[f"attn.hook_{n.lower()}"], p[f"W_{n}"])
+        out = [pull_in(resid_pre, "ln1_w", back[n]) for n in "QKV"]
         if not cfg.attn_only:
             read = resid_pre if cfg.parallel_attn_mlp else resid_mid
             up = g["mlp.hook_pre"] @ p["W_gate" if cfg.gated_mlp else "W_in"].T
             if cfg.gated_mlp:
                 up = up + g["mlp.hook_pre_linear"] @ p["W_in"].T
-            out.append(pull(read, p["ln2_w"], up[None]))
+            out.append(pull_in(read, "ln2_w", up[None]))
         return jnp.concatenate(out)
 
     mid = cache.get("hook_resid_mid", cache["hook_resid_pre"])
+    raw = {n: cache.get(f"attn.hook_{n.lower()}") for n in "QK"}  # whole-projection q/k norms
     per_layer = jnp.stack([
         layer(jax.tree.map(lambda a, i=i: a[i], blocks), cache["hook_resid_pre"][i], mid[i],
-              {k: grads[k][i] for k in _destination_sites(cfg)}) for i in range(cfg.n_layers)])
+              {k: grads[k][i] for k in _destination_sites(cfg)},
+              {n: None if x is None else x[i] for n, x in raw.items()}) for i in range(cfg.n_layers)])
     final = cache["hook_resid_post"][-1]
     batch = jnp.arange(final.shape[0])
     at_answer = pull(final[batch, answer_positions], params["ln_f_w"],
@@ -235,7 +259,8 @@ def _gradient_scores(model, task, reference, tokens, base_cache, source_cache, l
     cfg = model.config
     dest = _destination_sites(cfg)
     need = ("hook_resid_pre", "hook_resid_post") + (
-        () if cfg.attn_only or cfg.parallel_attn_mlp else ("hook_resid_mid",))
+        () if cfg.attn_only or cfg.parallel_attn_mlp else ("hook_resid_mid",)) + (
+        ("attn.hook_q", "attn.hook_k") if cfg.qk_norm == "projection" else ())
     positions = task.answer_positions
 
     def gradients(alpha):

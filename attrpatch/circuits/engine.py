@@ -76,7 +76,7 @@ def edge_forward(params: dict, cfg, tokens: Int[Array, "B T"],
         p = jax.tree.map(lambda a, layer=layer: a[layer], params["blocks"])
         qs, ks, vs = graph.qkv_destination_slices(layer)
         own = tuple(inputs(resid, s.start, s.stop) for s in (qs, ks, vs))
-        q, k, v = T.attention_inputs(p, cfg, own, positions, untouched)
+        q, k, v = T.attention_inputs(p, cfg, own, positions, untouched, inv_freq=consts["inv_freq"][layer])
         keep = T.keep_mask(positions, positions, consts["window"][layer], real)
         z = T.mix(q, k, v, keep, consts["scale"][layer], cfg, untouched)
         heads = jnp.einsum("bqhe,hed->hbqd", z, p["W_O"])
