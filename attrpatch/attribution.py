@@ -1,4 +1,4 @@
-"""Gradient estimators of every patch at once: AtP, AtP* and integrated gradients.
+"""Gradient estimators of every patch at once: AtP, AtP*, RelP and integrated gradients.
 
 For a patch that moves site activation ``a`` from the base run's value to the source run's, each
 estimator gives ``(a_source - a_base) . w``, summed over the component, for some weight ``w``:
@@ -7,6 +7,7 @@ estimator gives ``(a_source - a_base) . w``, summed over the component, for some
 | --- | --- | --- |
 | ``atp`` | dMetric/da at the base run (Nanda 2023) | 4 |
 | ``atp_star`` | as ``atp``; q/k by the QK fix; GradDrop magnitudes beside | 4 + 3 n_layers |
+| ``relp`` | as ``atp``, the backward with LRP rules in place of local gradients | 4 |
 | ``ig`` | dMetric/da averaged along a_base -> a_source, one layer's site moved | 2 + 3 steps layers sites |
 | ``ig_inputs`` | dMetric/da averaged along the line between the input embeddings | 2 + 3 steps |
 
@@ -30,6 +31,18 @@ estimator gives ``(a_source - a_base) . w``, summed over the component, for some
   it catches 7 of the 20 sources AtP misses. The signed ``atp_star`` scores are the QK-fixed AtP.
   Cost: ``n_layers`` extra forwards and backwards.
 
+**RelP** (relevance patching; Jafari et al. 2025, arXiv 2508.21258) keeps AtP's cost and replaces
+local gradients in the backward by layer-wise relevance propagation rules, each a
+``stop_gradient`` at a named point of the one forward (`ModelConfig.backward_rules`, a subset of
+:data:`attrpatch.arch.config.RELP_RULES`, all four by default; `relp_rules=` picks some, to see
+which rule moves an estimate): ``"ln"`` holds every norm's scale (LN rule), ``"attention"`` holds
+the attention pattern (the AH rule: gradient reaches the values only, so queries, keys and scores
+get exactly zero; use ``atp_star`` for them), ``"identity"`` passes ``act(x) / x`` through the MLP
+activation, ``"half"`` gives each factor of a gated product half the gradient. Final-logit
+soft-caps keep their gradient. In a bias-free model under all four rules relevance is conserved
+exactly: ``sum(resid_pre[l] * gradient)`` over positions and features is the metric of the base
+run, at every layer (tests/test_relp.py).
+
 **Integrated gradients** (Sundararajan et al. 2017) use the midpoint rule with ``steps`` points
 ``alpha = (i + 1/2) / steps``, whose error falls as 1/steps^2 along a smooth path. ``ig``
 ("IG-activations", Marks et al. 2024) moves one layer's site at a time, so its cost grows as
@@ -43,6 +56,7 @@ differences before a prompt's first differing token exactly zero (by causality).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Sequence
@@ -53,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attrpatch.arch import transformer as T
+from attrpatch.arch.config import RELP_RULES
 from attrpatch.interrupts import raise_if_interrupted
 from attrpatch.interventions import Interventions
 from attrpatch.model import Model
@@ -95,7 +110,8 @@ def estimator_cost(method: str, n_layers: int, steps: int = 5, n_sites: int = 1)
     """Nominal cost of an estimator in forward passes (a backward counts as two), for a model of
     `n_layers` and `n_sites` distinct sites (``ig`` only). The QK fix's recomputed attention
     logits are not counted (one head's logits, far less than a forward)."""
-    return {"atp": 4.0, "atp_star": 4.0 + 3.0 * n_layers, "ig": 2.0 + 3.0 * steps * n_layers * n_sites,
+    return {"atp": 4.0, "atp_star": 4.0 + 3.0 * n_layers, "relp": 4.0,
+            "ig": 2.0 + 3.0 * steps * n_layers * n_sites,
             "ig_inputs": 2.0 + 3.0 * steps}[method]
 
 
@@ -318,7 +334,7 @@ def _estimate(model, task, rows, reference, first_diff, keys, granularities, dir
         return jnp.where(valid.reshape(-1, *[1] * (x.ndim - 1)), x, 0).sum(0)
 
     graddrop = None
-    if method in ("atp", "atp_star"):
+    if method in ("atp", "atp_star", "relp"):  # relp: the model carries its backward rules
         logit_grad = jax.grad(lambda logits: per_prompt_metric(logits).sum())(base_logits)
         (weights,) = pullback(logit_grad)
     elif method == "ig":
@@ -377,6 +393,22 @@ def _check_options(direction, method, steps, batch_size) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def with_relp_rules(model: Model, method: str, rules: Sequence[str] | None) -> Model:
+    """`model` whose backward applies RelP's `rules` (all of them by default) for
+    ``method="relp"``; `model` itself for other methods, which take no rules."""
+    if method != "relp":
+        if rules is not None:
+            raise ValueError(f"relp_rules apply to method='relp', not method={method!r}")
+        return model
+    rules = RELP_RULES if rules is None else tuple(rules)
+    unknown = [r for r in rules if r not in RELP_RULES]
+    if unknown or isinstance(rules, str):
+        raise ValueError(f"relp_rules: {', '.join(map(repr, unknown or [rules]))} not known; "
+                         f"choose from {', '.join(RELP_RULES)}")
+    config = dataclasses.replace(model.config, backward_rules=frozenset(rules))
+    return Model(config, model.params)
+
+
 def _micro_batches(n_prompts: int, batch_size: int | None, mesh) -> tuple[int, int]:
     """(prompts per micro-batch, micro-batches): at most `batch_size` prompts, rounded up to a
     multiple of the mesh's ``data`` axis (the excess is padding)."""
@@ -406,6 +438,7 @@ def attribute(
     batch_size: int | None = None,
     mesh=None,
     progress: bool = True,
+    relp_rules: Sequence[str] | None = None,
 ) -> PatchResults:
     """Estimated patching effects of every component of the requested granularities.
 
@@ -426,8 +459,11 @@ def attribute(
     - `remat`: rematerialise each block in the backward (less memory, about one more forward).
     - `method`: the estimator, one of :data:`attrpatch.results.ESTIMATORS` (see the module
       docstring for what each computes and costs): ``"atp"``, ``"atp_star"`` (costs
-      ``n_layers`` more forwards and backwards than ``atp``), ``"ig"`` (cost linear in
-      `steps` x layers x sites), ``"ig_inputs"`` (cost linear in `steps`).
+      ``n_layers`` more forwards and backwards than ``atp``), ``"relp"`` (AtP's cost),
+      ``"ig"`` (cost linear in `steps` x layers x sites), ``"ig_inputs"`` (cost linear in
+      `steps`).
+    - `relp_rules`: ``method="relp"`` only: which of RelP's rules to apply (default all of
+      :data:`attrpatch.arch.config.RELP_RULES`); fewer shows which rule moves an estimate.
     - `steps`: integration points of ``ig`` and ``ig_inputs`` (midpoint rule).
     - `batch_size`: prompts per micro-batch (None: all at once). Memory falls with it; results
       equal one batch's (sums of per-prompt gradients), at the cost of two extra forwards for
@@ -447,6 +483,7 @@ def attribute(
     `MemoryError`, saying what to lower, where the device runs out of memory.
     """
     _check_options(direction, method, steps, batch_size)
+    model = with_relp_rules(model, method, relp_rules)
     mesh = check_mesh(mesh)
     granularities = check_granularities(granularities, model.config)
     task.check_for(model)

@@ -4,7 +4,7 @@
   validation of each on the shipped IOI model (or any checkpoint naming its task in
   ``attrpatch_task.json``), then the report.
 - ``attrpatch scan --model DIR --data FILE --out DIR [--sites ...]
-  [--methods atp,atp_star,ig,ig_inputs,exact] [--steps N] [--direction denoise|noise]
+  [--methods atp,atp_star,relp,ig,ig_inputs,exact] [--steps N] [--direction denoise|noise]
   [--metric NAME] [--verify-top K --verify-random R | --verify-until SHARE] [--by-pos]``.
 - ``attrpatch validate OUT_DIR [--threshold NAME=VALUE ...]``: re-validate saved results (the
   saved diagnostics hold raw estimates, so every threshold is applied afresh).
@@ -86,7 +86,7 @@ DEMO_RANDOM_NEURONS = 32  # exact-verify this many random neurons outside AtP's 
 DEMO_SITES = ("resid_pre", "attn_out", "mlp_out", "z", "z_by_pos", "q", "k", "post")
 DEFAULT_MODEL = "ioi-gpt2-4l"
 METHODS = (*ESTIMATORS, "exact")
-DEMO_METHODS = ("atp", "atp_star", "ig_inputs", "exact")
+DEMO_METHODS = ("atp", "atp_star", "relp", "ig_inputs", "exact")
 
 
 class CLIError(Exception):
@@ -947,7 +947,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n-prompts", type=int, default=None,
                    help="prompts of the model's own task (default: the model's)")
     c.add_argument("--method", nargs="+", default=["eap,eap_ig_inputs"],
-                   help="edge scores, commas or spaces: eap, eap_ig_inputs, eap_ig_activations "
+                   help="edge scores, commas or spaces: eap, relp, eap_ig_inputs, eap_ig_activations "
                         "(default eap,eap_ig_inputs; the first draws circuit.png)")
     c.add_argument("--edges", nargs="+", default=None, metavar="N",
                    help="circuit sizes for the faithfulness curve, e.g. 50,100,200 (default: "

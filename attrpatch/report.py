@@ -215,7 +215,10 @@ def _comparison_table(comparison: dict, estimators: dict) -> str:
     h = ["<h2>Estimators side by side</h2><p>Each estimator validated against exact patching "
          "with the same thresholds (cells: verdict, then " + html.escape(", ".join(stats))
          + "). AtP* = AtP with the QK fix on queries and keys (its GradDrop magnitudes rank "
-         "components for verification); IG = integrated gradients on the activations "
+         "components for verification); RelP = AtP with the backward's local gradients "
+         "replaced by relevance-propagation rules (norm scales, attention patterns, activations "
+         "and gated products held; no gradient to queries and keys); IG = integrated gradients "
+         "on the activations "
          "(<code>ig</code>) or on the input embeddings (<code>ig_inputs</code>).</p><table><tr>"
          "<th>family</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in methods) + "</tr>"]
     for fam, by_method in comparison.items():

@@ -53,7 +53,7 @@ GRANULARITIES: dict[str, tuple[str, tuple[str, ...]]] = {
 DIRECTIONS = ("denoise", "noise")
 
 # Estimators of patch effects (`attrpatch.attribute(method=...)`); "exact" is `attrpatch.patch`.
-ESTIMATORS = ("atp", "atp_star", "ig", "ig_inputs")
+ESTIMATORS = ("atp", "atp_star", "relp", "ig", "ig_inputs")
 # Granularities whose components act only through their head's attention pattern (AtP*'s QK fix).
 QK_GRANULARITIES = ("q", "k", "q_by_pos", "k_by_pos")
 

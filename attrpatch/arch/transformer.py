@@ -61,11 +61,15 @@ _NO_WINDOW = np.iinfo(np.int32).max
 
 
 def norm(x: Float[Array, "... d"], w, b, cfg: ModelConfig) -> Float[Array, "... d"]:
-    """LayerNorm (`b` given) or RMSNorm over the last axis, computed in at least float32."""
+    """LayerNorm (`b` given) or RMSNorm over the last axis, computed in at least float32. RelP's
+    ``"ln"`` rule: the scale ``1 / rms`` is a constant of the backward."""
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if cfg.norm == "layernorm":
         x32 = x32 - x32.mean(-1, keepdims=True)
-    normed = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + cfg.norm_eps)
+    scale = jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + cfg.norm_eps)
+    if "ln" in cfg.backward_rules:
+        scale = jax.lax.stop_gradient(scale)
+    normed = x32 * scale
     out = normed.astype(x.dtype) * w
     return out if b is None else out + b
 
@@ -74,7 +78,8 @@ def norm_vjp(x: Float[Array, "... d"], w, cotangents: Float[Array, "n ... d"], c
              ) -> Float[Array, "n ... d"]:
     """The gradient of :func:`norm` at `x` pulled back from each of `n` cotangents, float32:
     ``r * (v - mean(v) - x_hat * mean(v * x_hat))`` with ``v = cotangent * w`` and
-    ``x_hat = norm(x) / w`` (RMSNorm: without ``- mean(v)``)."""
+    ``x_hat = norm(x) / w`` (RMSNorm: without ``- mean(v)``; RelP's ``"ln"`` rule: without the
+    ``x_hat`` term, the scale ``r`` held)."""
     x32 = x.astype(jnp.float32)
     if cfg.norm == "layernorm":
         x32 = x32 - x32.mean(-1, keepdims=True)
@@ -82,6 +87,8 @@ def norm_vjp(x: Float[Array, "... d"], w, cotangents: Float[Array, "n ... d"], c
     x_hat = x32 * r
     v = cotangents.astype(jnp.float32) * w.astype(jnp.float32)
     centred = v - v.mean(-1, keepdims=True) if cfg.norm == "layernorm" else v
+    if "ln" in cfg.backward_rules:
+        return r * centred
     return r * (centred - x_hat * (v * x_hat).mean(-1, keepdims=True))
 
 
@@ -245,11 +252,16 @@ def mix(q: Float[Array, "batch q head d_head"], k: Float[Array, "batch k kv_head
         v: Float[Array, "batch k kv_head d_head"], keep: Bool[Array, "batch 1 q k"], scale,
         cfg: ModelConfig, hook: Hook) -> Float[Array, "batch q head d_head"]:
     """Attention mixing: head outputs z. Query head ``h`` reads kv head ``h // group``; logits
-    are divided by `scale`, soft-capped, masked by `keep`, then pass the scores and pattern hooks."""
+    are divided by `scale`, soft-capped, masked by `keep`, then pass the scores and pattern hooks.
+    RelP's ``"attention"`` rule: the pattern is a constant of the backward, so gradient reaches
+    the values (and the pattern site itself) but not the scores, queries or keys."""
     b, nq, H, dh = q.shape
     K = k.shape[2]
     scores = hook("attn.hook_attn_scores", attention_scores(q, k, keep, scale, cfg))
-    pattern = hook("attn.hook_pattern", jax.nn.softmax(scores, axis=-1).astype(q.dtype))
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    if "attention" in cfg.backward_rules:
+        probs = jax.lax.stop_gradient(probs)
+    pattern = hook("attn.hook_pattern", probs)
     z = jnp.einsum("bkqs,bkse->bkqe", pattern.reshape(b, K, -1, k.shape[1]), v.swapaxes(1, 2))
     return z.reshape(b, K, H // K, nq, dh).transpose(0, 3, 1, 2, 4).reshape(b, nq, H, dh)
 
@@ -276,6 +288,31 @@ def block_output(p: dict, cfg: ModelConfig, resid: Float[Array, "batch pos d_mod
     return hook("hook_resid_post", resid + mlp_out)
 
 
+def activation(cfg: ModelConfig) -> Callable[[Array], Array]:
+    """The MLP's elementwise activation. RelP's ``"identity"`` rule: the same values, with the
+    backward passing ``act(x) / x`` (``act'(0)`` at 0), so relevance flows through unchanged."""
+    act = ACTIVATIONS[cfg.act_fn]
+    if "identity" not in cfg.backward_rules:
+        return act
+    slope_at_zero = 0.0 if cfg.act_fn == "relu" else 0.5  # act'(0): GELUs and SiLU have 1/2
+
+    def identity_rule(x):
+        y = act(x)
+        ratio = jnp.where(x == 0, slope_at_zero, y / jnp.where(x == 0, 1, x))
+        return jax.lax.stop_gradient(y) + (x - jax.lax.stop_gradient(x)) * jax.lax.stop_gradient(ratio)
+
+    return identity_rule
+
+
+def gated_product(a: Array, b: Array, cfg: ModelConfig) -> Array:
+    """``a * b`` (a gated MLP's activated gate times its up projection). RelP's ``"half"`` rule:
+    the same values, each factor getting half the gradient, ``0.5 * (a * sg(b) + sg(a) * b)``
+    (exact: both terms are ``a * b``), so the relevance of the product splits evenly."""
+    if "half" not in cfg.backward_rules:
+        return a * b
+    return 0.5 * (a * jax.lax.stop_gradient(b) + jax.lax.stop_gradient(a) * b)
+
+
 def mlp(p: dict, cfg: ModelConfig, mlp_in: Float[Array, "... d_model"], hook: Hook
         ) -> Float[Array, "... d_model"]:
     """A block's MLP on the residual stream it reads: norm (`pre_norms`), (gated) MLP, post-norm;
@@ -286,10 +323,10 @@ def mlp(p: dict, cfg: ModelConfig, mlp_in: Float[Array, "... d_model"], hook: Ho
         out = x @ p[f"W_{name}"]
         return out + p[f"b_{name}"] if cfg.mlp_bias else out
 
-    act = ACTIVATIONS[cfg.act_fn]
+    act = activation(cfg)
     if cfg.gated_mlp:
         gate = hook("mlp.hook_pre", linear("gate"))
-        post = act(gate) * hook("mlp.hook_pre_linear", linear("in"))
+        post = gated_product(act(gate), hook("mlp.hook_pre_linear", linear("in")), cfg)
     else:
         post = act(hook("mlp.hook_pre", linear("in")))
     post = hook("mlp.hook_post", post)

@@ -3,6 +3,7 @@
 | function | what | cost (forwards; a backward counts 2) |
 | --- | --- | --- |
 | :func:`attribute_edges` ``"eap"`` | (a_source - a_base)[src] . dMetric/d(input of dst) | 5 |
+| ``"relp"`` | EAP with RelP's backward (norm scales, patterns, activations held) | 5 |
 | ``"eap_ig_inputs"`` | that gradient averaged along the line between the inputs | 2 + 3 steps |
 | ``"eap_ig_activations"`` | each source's gradient averaged as its layer moves | 2 + 3 steps (2L + 1) |
 | :func:`patch_edges` | the metric with exactly the listed edges patched | 1 per set (after 2) |
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attrpatch.arch import transformer as T
-from attrpatch.attribution import _reference_logits
+from attrpatch.attribution import _reference_logits, with_relp_rules
 from attrpatch.circuits.engine import EdgeEdit, edge_forward
 from attrpatch.circuits.graph import EdgeGraph
 from attrpatch.interrupts import raise_if_interrupted
@@ -45,13 +46,13 @@ from attrpatch.progress import progress_bar
 from attrpatch.results import DIRECTIONS
 from attrpatch.task import MetricFn, Task, check_finite_metrics, resolve_metric
 
-EDGE_METHODS = ("eap", "eap_ig_inputs", "eap_ig_activations")
+EDGE_METHODS = ("eap", "relp", "eap_ig_inputs", "eap_ig_activations")
 
 
 def edge_method_cost(method: str, n_layers: int, steps: int = 5) -> float:
     """Nominal cost of an edge estimator in forward passes (a backward counts as two): the two
     runs whose outputs are differenced, then one forward and backward per gradient."""
-    return {"eap": 5.0, "eap_ig_inputs": 2.0 + 3.0 * steps,
+    return {"eap": 5.0, "relp": 5.0, "eap_ig_inputs": 2.0 + 3.0 * steps,
             "eap_ig_activations": 2.0 + 3.0 * steps * (2 * n_layers + 1)}[method]
 
 
@@ -314,8 +315,9 @@ def attribute_edges(model: Model, task: Task, method: str = "eap", steps: int = 
 
     **Arguments:**
 
-    - `method`: ``"eap"``, ``"eap_ig_inputs"`` or ``"eap_ig_activations"`` (see the module
-      docstring for what each computes and costs).
+    - `method`: ``"eap"``, ``"relp"`` (EAP's scores with every RelP rule in the backward:
+      :func:`attrpatch.attribute`), ``"eap_ig_inputs"`` or ``"eap_ig_activations"`` (see the
+      module docstring for what each computes and costs).
     - `steps`: integration points of the EAP-IG methods (midpoint rule).
     - `direction`: ``"denoise"`` (base run corrupted, clean values patched in) or ``"noise"``.
     - `metric`: a name from :data:`attrpatch.METRICS`, a function, or None (the task's).
@@ -331,6 +333,7 @@ def attribute_edges(model: Model, task: Task, method: str = "eap", steps: int = 
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     start = time.perf_counter()
+    model = with_relp_rules(model, method, None)
     task.check_for(model)
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -344,7 +347,7 @@ def attribute_edges(model: Model, task: Task, method: str = "eap", steps: int = 
 
     moves = (_moves(cfg) if method == "eap_ig_activations" else
              [("hook_embed" if method == "eap_ig_inputs" else None, None, range(len(graph.sources)))])
-    alphas = jnp.zeros(1, jnp.float32) if method == "eap" else midpoints
+    alphas = jnp.zeros(1, jnp.float32) if method in ("eap", "relp") else midpoints
     values = 0.0
     with progress_bar(len(moves) * len(alphas), progress, method, unit="backward") as bar:
         for site, layer, rows in moves:

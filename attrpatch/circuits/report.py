@@ -38,7 +38,7 @@ from attrpatch.circuits.graph import EdgeGraph  # noqa: E402
 from attrpatch.report import CSS, _fmt, _img  # noqa: E402
 from attrpatch.validation import Thresholds, estimator_label, recall_keys  # noqa: E402
 
-EDGE_LABELS = {"eap": "EAP", "eap_ig_inputs": "EAP-IG (inputs)",
+EDGE_LABELS = {"eap": "EAP", "relp": "RelP", "eap_ig_inputs": "EAP-IG (inputs)",
                "eap_ig_activations": "EAP-IG (activations)", "exact": "exact"}
 
 
