@@ -499,6 +499,7 @@ _PRE_TOKENIZERS = {
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "megrez"], (_QWEN2_SPLIT, False, False)),
 }
 _CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+_GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -555,6 +556,60 @@ def _byte_level_bpe(metadata: dict):
     return tok
 
 
+def _sentencepiece_merges(vocab: dict[str, int], priority: dict[str, float]) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocabulary implies: each way of cutting a piece in two
+    pieces of the vocabulary, the merges of higher-priority pieces first (ties: shorter left,
+    then right part first, then vocabulary order), as `transformers` derives them."""
+    merges = []
+    for piece, score in priority.items():
+        cuts = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
+                if piece[:i] in vocab and piece[i:] in vocab]
+        merges += sorted(cuts, key=lambda cut: (vocab[cut[0]], vocab[cut[1]]))
+    merges.sort(key=lambda cut: (cut[2], len(cut[0]), len(cut[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def _sentencepiece(metadata: dict, architecture: str | None):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    scores = metadata.get("tokenizer.ggml.scores")
+    if not tokens or scores is None or len(scores) != len(tokens):
+        raise ValueError("a SentencePiece tokenizer needs tokenizer.ggml.tokens and one "
+                         "tokenizer.ggml.scores entry per token, and the file lacks them")
+    gemma = architecture in _GEMMA_ARCHITECTURES
+    if gemma:  # Gemma files store runs of spaces as spaces; its pieces merge in file order
+        tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+        priority = {t: -i for i, t in enumerate(tokens)}
+    else:
+        priority = dict(zip(tokens, scores, strict=True))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    if unk_id is not None and not 0 <= unk_id < len(tokens):
+        raise ValueError(f"tokenizer.ggml.unknown_token_id={unk_id} is not a token id (the "
+                         f"vocabulary has {len(tokens)})")
+    # characters outside the vocabulary become their UTF-8 bytes' <0xNN> tokens
+    merges = _sentencepiece_merges(vocab, priority)
+    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True,
+                               unk_token=None if unk_id is None else tokens[unk_id]))
+    # SentencePiece writes spaces as "▁" and, where add_space_prefix says so, starts the text
+    # (not each piece between special tokens) with one, which decoding strips again
+    prefix = metadata.get("tokenizer.ggml.add_space_prefix", not gemma)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first" if prefix else "never", split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if prefix else steps)
+    types = metadata.get("tokenizer.ggml.token_type") or []
+    named = {metadata.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "unknown", "padding")}
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for i, t in enumerate(tokens)
+                            if i in named or i < len(types) and types[i] == _CONTROL])
+    # a user-defined token is matched whole, unless it was respelled (then it is merged to)
+    stored = metadata["tokenizer.ggml.tokens"]
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, kind in zip(stored, types, strict=False) if kind == _USER_DEFINED and t in vocab])
+    _add_bos_eos(tok, metadata, tokens, True, processors)
+    return tok
+
+
 def _add_bos_eos(tok, metadata: dict, tokens: list[str], default_bos: bool, processors) -> None:
     """`tok.encode` adds BOS / EOS where llama.cpp's tokenizer would (``add_special_tokens=False``
     never does)."""
@@ -580,11 +635,15 @@ def _add_bos_eos(tok, metadata: dict, tokens: list[str], default_bos: bool, proc
 def load_gguf_tokenizer(path: str | os.PathLike):
     """The tokenizer a GGUF file's metadata describes, as a `tokenizers.Tokenizer` that encodes
     text as llama.cpp does: byte-level BPE (``tokenizer.ggml.model`` ``"gpt2"``: GPT-2, SmolLM,
-    Llama 3, Qwen2 ...) with the text splitting ``tokenizer.ggml.pre`` names, control and
-    user-defined tokens matched whole, BOS / EOS added by ``encode`` where the file says so.
+    Llama 3, Qwen2 ...) with the text splitting ``tokenizer.ggml.pre`` names, or SentencePiece
+    (``"llama"``: Llama 2, TinyLlama, Gemma 1/2/3) with pieces merged by score (Gemma: by file
+    order, as `transformers` does), ``▁`` for spaces, a leading one where
+    ``tokenizer.ggml.add_space_prefix`` says (default: yes, except Gemma), ``<0xNN>`` byte tokens
+    for characters outside the vocabulary; control and user-defined tokens matched whole,
+    BOS / EOS added by ``encode`` where the file says so (SentencePiece: BOS by default).
 
-    **Raises:** ValueError naming the file for a SentencePiece (``"llama"``) or other vocabulary,
-    an unknown ``tokenizer.ggml.pre``, a file without a tokenizer; FileNotFoundError.
+    **Raises:** ValueError naming the file for another vocabulary type, an unknown
+    ``tokenizer.ggml.pre``, a file without a tokenizer; FileNotFoundError.
     """
     path = Path(path)
     reader = _open(path)
@@ -593,9 +652,11 @@ def load_gguf_tokenizer(path: str | os.PathLike):
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
     model = metadata.get("tokenizer.ggml.model")
-    if model == "gpt2":
+    if model in ("gpt2", "llama"):
+        field = reader.fields.get("general.architecture")
+        architecture = field.contents() if field is not None else None
         try:
-            return _byte_level_bpe(metadata)
+            return _byte_level_bpe(metadata) if model == "gpt2" else _sentencepiece(metadata, architecture)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
         except Exception as e:  # `tokenizers` raises bare Exceptions on a bad vocabulary or merges
@@ -604,5 +665,5 @@ def load_gguf_tokenizer(path: str | os.PathLike):
         raise ValueError(f"{path} holds no tokenizer (tokenizer.ggml.model={model!r}); use the "
                          "model's tokenizer.json")
     raise ValueError(f"{path}: tokenizer.ggml.model={model!r} is not supported (only byte-level BPE, "
-                     "\"gpt2\", is); use the model's tokenizer.json, e.g. from the original Hugging "
-                     "Face repository")
+                     "\"gpt2\", and SentencePiece, \"llama\", are); use the model's tokenizer.json, "
+                     "e.g. from the original Hugging Face repository")

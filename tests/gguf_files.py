@@ -98,20 +98,25 @@ def _store(writer, name: str, w: np.ndarray, qtype: str, rng) -> None:
         writer.add_tensor(name, gguf.quants.quantize(w.astype(np.float32), kind), raw_dtype=kind)
 
 
-def add_tokenizer(writer, tokens, merges, pre: str, token_types=None, bos=None, eos=None,
-                  add_bos=None, model: str = "gpt2") -> None:
-    """Byte-level BPE tokenizer metadata, as llama.cpp's converter writes it."""
+def add_tokenizer(writer, tokens, merges=None, pre: str = "default", token_types=None, bos=None,
+                  eos=None, add_bos=None, model: str = "gpt2", scores=None, unk=None, pad=None,
+                  add_eos=None, add_space_prefix=None) -> None:
+    """Tokenizer metadata as llama.cpp's converter writes it: byte-level BPE (``"gpt2"``, with
+    merges) or SentencePiece (``"llama"``, with scores)."""
     writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
+    if scores is not None:
+        writer.add_token_scores(scores)
     writer.add_token_types(token_types or [1] * len(tokens))
-    writer.add_token_merges(merges)
-    if bos is not None:
-        writer.add_bos_token_id(bos)
-    if eos is not None:
-        writer.add_eos_token_id(eos)
-    if add_bos is not None:
-        writer.add_add_bos_token(add_bos)
+    if merges is not None:
+        writer.add_token_merges(merges)
+    for value, add in ((bos, writer.add_bos_token_id), (eos, writer.add_eos_token_id),
+                       (unk, writer.add_unk_token_id), (pad, writer.add_pad_token_id),
+                       (add_bos, writer.add_add_bos_token), (add_eos, writer.add_add_eos_token),
+                       (add_space_prefix, writer.add_add_space_prefix)):
+        if value is not None:
+            add(value)
 
 
 def write_gguf(path, model, qtype: str = "F32", seed: int = 0, extra=None, tokenizer=None) -> None:
@@ -191,3 +196,38 @@ def train_bpe(corpus: list[str], vocab_size: int, specials: list[str]) -> tuple[
     tokens = sorted(model["vocab"], key=model["vocab"].get)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     return tokens, merges
+
+
+def train_sentencepiece(corpus: list[str], vocab_size: int, gemma: bool) -> dict:
+    """A SentencePiece BPE vocabulary as llama.cpp's converter stores one (`add_tokenizer`
+    arguments): pieces learnt by `tokenizers`' trainer on ``▁``-escaped text, each scored minus
+    its rank as SentencePiece scores BPE pieces (Gemma: reversed within blocks of 50, so that, as
+    in Gemma's files, the scores do not give the merge order), after the layout of Llama 2
+    (``<unk> <s> </s>``, the 256 ``<0xNN>`` byte tokens) or of Gemma (``<pad> <eos> <bos> <unk>
+    <mask>``, chat control tokens, bytes, runs of spaces stored as real spaces, newlines, tabs)."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+
+    NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Replace(" ", "\u2581") if gemma else normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    vocab = json.loads(tok.to_str())["model"]["vocab"]
+    pieces = sorted(vocab, key=vocab.get)
+    if gemma:
+        head = [("<pad>", CONTROL), ("<eos>", CONTROL), ("<bos>", CONTROL), ("<unk>", UNKNOWN),
+                ("<mask>", CONTROL), ("<start_of_turn>", CONTROL), ("<end_of_turn>", CONTROL)]
+        spaces = [(" " * n, USER_DEFINED) for n in (2, 3, 4)] + [("\n\n", USER_DEFINED), ("\t", USER_DEFINED)]
+    else:
+        head, spaces = [("<unk>", UNKNOWN), ("<s>", CONTROL), ("</s>", CONTROL)], []
+    head += [(f"<0x{b:02X}>", BYTE) for b in range(256)] + spaces
+    taken = {t for t, _ in head} | {"\u2581" * n for n in (2, 3, 4)}  # Gemma's space runs are above
+    pieces = [t for t in pieces if t not in taken]
+    tokens = [t for t, _ in head] + pieces
+    return dict(tokens=tokens, model="llama", token_types=[k for _, k in head] + [NORMAL] * len(pieces),
+                scores=[0.0] * len(head) + [i % 50 / 100 - i // 50 if gemma else -float(i)
+                                            for i in range(len(pieces))],
+                bos=tokens.index("<bos>" if gemma else "<s>"),
+                eos=tokens.index("<eos>" if gemma else "</s>"), unk=tokens.index("<unk>"),
+                pad=0 if gemma else None)

@@ -16,7 +16,7 @@ import struct
 
 import numpy as np
 import pytest
-from gguf_files import add_tokenizer, random_hf, train_bpe, write_gguf
+from gguf_files import add_tokenizer, random_hf, train_bpe, train_sentencepiece, write_gguf
 
 from attrpatch import load_model, load_tokenizer
 from attrpatch.gguf import load_gguf, load_gguf_tokenizer, read_gguf, smollm2_gguf_path
@@ -195,6 +195,81 @@ def test_tokenizer_matches_transformers(pre, add_bos, bpe, tmp_path):
     assert (ours.encode("hi").ids[0] == bpe["bos"]) == add_bos
 
 
+SENTENCEPIECE_TEXTS = [
+    "When Mary and John went to the store, John gave a drink to",
+    " When  Mary   and John ",  # leading, multiple and trailing spaces
+    "It's 2024: 12345 apples, 7 pears!!\nand\n\n\tnew lines\r\n",
+    "café crème, 🙂 emoji, ÆØÅ, 漢字 (absent: byte tokens)",
+    "\n  starts with a newline",
+]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece():
+    return {gemma: train_sentencepiece(CORPUS, 300, gemma) for gemma in (False, True)}
+
+
+def _sentencepiece_file(path, architecture, **tokenizer):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    add_tokenizer(writer, **tokenizer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("architecture,flags,specials", [
+    ("llama", {}, "<s>hi</s> <unk>x</s>"),  # Llama 2 / TinyLlama: BOS by default, space prefix
+    ("llama", dict(add_bos=False, add_eos=True, add_space_prefix=True), "<s>hi</s>"),
+    ("gemma2", dict(add_bos=True, add_space_prefix=False), "<bos><start_of_turn>user\nhi<end_of_turn>\n"),
+    ("gemma3", dict(add_bos=True, add_space_prefix=False), "<pad> <mask>x<eos>  <unk>"),
+])
+def test_sentencepiece_tokenizer_matches_transformers(architecture, flags, specials, sentencepiece,
+                                                      tmp_path):
+    import transformers
+
+    vocabulary = sentencepiece[architecture.startswith("gemma")]
+    path = tmp_path / "tok.gguf"
+    _sentencepiece_file(path, architecture, **vocabulary, **flags)
+    ours = load_tokenizer(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    add_bos, add_eos = flags.get("add_bos", True), flags.get("add_eos", False)
+    prefix = flags.get("add_space_prefix", True)
+    for text in [*SENTENCEPIECE_TEXTS, specials]:
+        ids = ours.encode(text).ids
+        assert ids == theirs(text)["input_ids"], (architecture, text, ours.encode(text).tokens)
+        body = ids[add_bos:len(ids) - add_eos]
+        decoded = ours.decode(body, skip_special_tokens=False)
+        assert decoded == theirs.decode(body)
+        # with a space prefix, a leading space merges into it (as in `transformers`, not llama.cpp)
+        assert decoded == (text[1:] if prefix and text.startswith(" ") else text)
+    ids = ours.encode(SENTENCEPIECE_TEXTS[3]).ids
+    assert any(vocabulary["token_types"][i] == 6 for i in ids)  # byte fallback happened
+    assert max(len(vocabulary["tokens"][i]) for i in ids) > 3  # pieces merged
+    assert (ids[0] == vocabulary["bos"]) == add_bos and (ids[-1] == vocabulary["eos"]) == add_eos
+
+
+def test_sentencepiece_without_space_prefix(sentencepiece, tmp_path):
+    """``add_space_prefix = false`` on a Llama vocabulary (`transformers`' GGUF loader ignores the
+    key): as `transformers`' Llama tokenizer with ``add_prefix_space=False`` on the same pieces."""
+    import json
+
+    import transformers
+
+    _sentencepiece_file(tmp_path / "tok.gguf", "llama", add_space_prefix=False, **sentencepiece[False])
+    ours = load_tokenizer(tmp_path / "tok.gguf")
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tok.gguf")
+    model = json.loads(loaded.backend_tokenizer.to_str())["model"]
+    theirs = transformers.LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
+                                         add_prefix_space=False)
+    for text in SENTENCEPIECE_TEXTS:
+        ids = ours.encode(text).ids
+        assert ids == [loaded.bos_token_id, *theirs(text, add_special_tokens=False)["input_ids"]], text
+        assert ours.decode(ids[1:]) == text
+
+
 def test_real_file_helper_and_its_error(monkeypatch):
     import importlib.util
 
@@ -310,7 +385,9 @@ def test_without_gguf_package_says_how_to_install(small_llama, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("model,pre,message", [
-    ("llama", "default", r"tokenizer\.ggml\.model='llama' is not supported \(only byte-level BPE"),
+    ("t5", "default", r"tokenizer\.ggml\.model='t5' is not supported \(only byte-level BPE"),
+    ("llama", "default", r"a SentencePiece tokenizer needs tokenizer\.ggml\.tokens and one "
+                         r"tokenizer\.ggml\.scores entry per token"),
     ("gpt2", "chameleon", r"tokenizer\.ggml\.pre='chameleon' \(llama.cpp's text splitting for this "
                           r"vocabulary\) is not supported"),
 ])
