@@ -458,6 +458,7 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
         budget_report,
         budget_sample,
         diagnose,
+        relp_rule_effects,
         validate,
         verify_budgeted,
         verify_random_rest,
@@ -528,6 +529,19 @@ def run_pipeline(model, model_dir, task, granularities, methods, direction, metr
                 raise_if_interrupted()
                 validations = {m: validate(r, exact, diagnostics, thresholds, tokens,
                                            estimators=estimates) for m, r in estimates.items()}
+                # where RelP got a flagged component right: RelP without each rule there, so the
+                # flag names the rule that fixes it
+                credited = [g for g in granularities if any(
+                    f.granularity == g and "relp" in f.better for v in validations.values()
+                    for f in v.flags)]
+                if credited:
+                    t0 = time.perf_counter()
+                    without = relp_rule_effects(model, task, credited, direction, metric,
+                                                mesh=mesh, progress=not quiet)
+                    timings["relp_rules_s"] = round(time.perf_counter() - t0, 3)
+                    validations = {m: validate(r, exact, diagnostics, thresholds, tokens,
+                                               estimators=estimates | without)
+                                   for m, r in estimates.items()}
             run = dict(run, timings=timings, versions=_versions(),
                        thresholds=dataclasses.asdict(thresholds), mesh=mesh_record(mesh))
         except (ValueError, MemoryError) as e:  # bad input the library found, a run too big

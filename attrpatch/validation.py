@@ -1,7 +1,7 @@
 """Validation: compare an estimator (AtP, AtP*, IG) with exact patching, flag where it is wrong,
 and say why.
 
-Four pieces:
+Five pieces:
 
 - :func:`validate` ``(estimate, exact, diagnostics=None, thresholds=Thresholds(), tokens=None,
   estimators=None) -> Validation``: agreement numbers per granularity and per site family
@@ -12,6 +12,9 @@ Four pieces:
 - :func:`diagnose` ``(model, task, granularities) -> Diagnostics``: cheap per-component signals
   (relative size of the patch, attention saturation at the answer row, disagreement of the AtP
   estimates with gradients taken at the base and at the source run, metric saturation).
+- :func:`relp_rule_effects` ``(model, task, granularities) -> {key: PatchResults}``: RelP with
+  each of its rules left out in turn; passed to :func:`validate` with the other estimators, a flag
+  where RelP is right and AtP wrong names the rule that fixes it (the nonlinearity AtP misses).
 - :func:`verify_budgeted`: an estimate on everything, exact patching only on the top K components
   plus R random others, and from the random sample an estimate of how much the estimate missed.
 - :func:`verify_until`: exact patching in the estimator's order until a bound on every
@@ -36,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
+from attrpatch.arch.config import RELP_RULES
 from attrpatch.interrupts import raise_if_interrupted
 from attrpatch.interventions import Interventions
 from attrpatch.patching import patch
@@ -66,6 +70,13 @@ assert set(ESTIMATORS) <= set(ESTIMATOR_LABELS)
 
 # Most components `Validation.drivers` names per family.
 MAX_DRIVERS = 5
+
+# `relp_rule_effects` keys RelP without rule r as RELP_WITHOUT + r in `validate(estimators=...)`.
+RELP_WITHOUT = "relp_without_"
+# Each RelP rule: its name in messages, and the nonlinearity it holds fixed (what AtP linearises).
+RELP_RULE_CAUSES = {"ln": ("LN", "norm scale"), "attention": ("attention", "attention pattern"),
+                    "identity": ("identity", "activation"), "half": ("half", "gated product")}
+assert set(RELP_RULE_CAUSES) == set(RELP_RULES)
 
 
 def estimator_label(method: str) -> str:
@@ -133,6 +144,11 @@ class Thresholds:
     - `agrees`: an estimator agrees with exact where |value - exact| <= max(agrees * |exact|,
       `small`) (default 0.3); a flag names the estimators that agree when the flagged one does
       not (`Flag.better`).
+    - RelP's rules (with :func:`relp_rule_effects`' runs among the estimators): where RelP agrees
+      with exact and neither AtP nor the flagged estimator does, the rule whose removal moves
+      RelP's estimate most, if it moves it by at least `small` and by at least `nonlinearity` of
+      |RelP - AtP|: "nonlinearity in the norm scale (RelP's LN rule fixes it)" (attention
+      pattern: attention rule; activation: identity rule; gated product: half rule).
 
     Agreement: `top_k` (5, 10) and `top_share` (0.05) give the top-K recalls; the verdict per
     family is "reliable" with Pearson >= `reliable_pearson` (0.95) and no high-severity flag, or
@@ -526,6 +542,33 @@ def diagnose(model, task, granularities: Sequence[str], direction: str = "denois
     )
 
 
+def relp_rule_effects(model, task, granularities: Sequence[str], direction: str = "denoise",
+                      metric=None, batch_size: int | None = None, mesh=None,
+                      progress: bool = True) -> dict[str, PatchResults]:
+    """RelP with each of its rules left out in turn (:func:`attrpatch.attribute` with
+    ``method="relp"`` and ``relp_rules`` all of :data:`attrpatch.arch.config.RELP_RULES` but one),
+    each at AtP's cost. Rules that are no-ops on the model's architecture are skipped
+    (``"half"`` without a gated MLP; ``"identity"`` and ``"half"`` on an attention-only model).
+
+    **Arguments:** as :func:`attrpatch.attribute`.
+
+    **Returns:** ``{RELP_WITHOUT + rule: PatchResults}`` (e.g. ``"relp_without_ln"``), for
+    :func:`validate`'s `estimators` beside the full RelP and AtP results: a flag where RelP
+    agrees with exact and AtP does not names the rule whose removal moves RelP most
+    (:class:`Thresholds`).
+    """
+    from attrpatch.attribution import attribute
+
+    cfg = model.config
+    no_ops = ({"identity", "half"} if cfg.attn_only else set()) | (
+        set() if cfg.gated_mlp else {"half"})
+    return {RELP_WITHOUT + rule: attribute(model, task, granularities, direction, metric,
+                                           method="relp", batch_size=batch_size, mesh=mesh,
+                                           progress=progress,
+                                           relp_rules=[r for r in RELP_RULES if r != rule])
+            for rule in RELP_RULES if rule not in no_ops}
+
+
 # ----------------------------------------------------------------------------------------------
 # Flags and validation
 
@@ -661,6 +704,22 @@ def _estimator_causes(g: str, values: dict[str, float], graddrop: float | None, 
                          f"{estimator_label(ref_name)} {ref:+.3g}: contributions along different "
                          "paths cancel in the gradient")
     return causes, notes
+
+
+def _relp_rule_cause(relp: float, atp: float, without: dict[str, float], unit: float,
+                     t: Thresholds) -> tuple[list[str], list[str]]:
+    """The rule whose removal moves RelP's estimate `relp` most (`without`: rule -> RelP without
+    it), if it moves it by at least `small` and `nonlinearity` of |RelP - AtP| (metric units)."""
+    if not without:
+        return [], []
+    rule = max(without, key=lambda r: abs(without[r] - relp))  # first of equals: RELP_RULES order
+    moved = abs(without[rule] - relp)
+    if moved < t.small * unit or moved < t.nonlinearity * abs(relp - atp):
+        return [], []
+    name, what = RELP_RULE_CAUSES[rule]
+    return ([f"nonlinearity in the {what} (RelP's {name} rule fixes it)"],
+            [f"RelP without its {name} rule gives {without[rule]:+.3g} instead of {relp:+.3g} "
+             f"(AtP {atp:+.3g}): AtP's gradient linearises the {what}"])
 
 
 def _agrees(value: float, exact: float, unit: float, t: Thresholds) -> bool:
@@ -854,6 +913,9 @@ def validate(estimate: PatchResults, exact: PatchResults, diagnostics: Diagnosti
       q/k: attention saturation or softmax nonlinearity; AtP*'s GradDrop against AtP:
       cancellation; see :class:`Thresholds`) and say which estimators got a flagged component
       right (`Flag.better`, and in the reason). An entry with `estimate`'s own method is ignored.
+      :func:`relp_rule_effects`' entries (RelP with one rule left out) are no estimators of their
+      own: where RelP agrees with exact and AtP does not, they name the rule that fixes it
+      (:class:`Thresholds`).
 
     **Returns:** :class:`Validation`.
 
@@ -866,7 +928,14 @@ def validate(estimate: PatchResults, exact: PatchResults, diagnostics: Diagnosti
     _check_comparable(estimate, exact, label)
     others = {name: r for name, r in (estimators or {}).items() if name != estimate.method}
     for name, r in others.items():
-        _check_comparable(r, exact, f"estimators[{name!r}] ({estimator_label(name)})")
+        rule = name.removeprefix(RELP_WITHOUT)
+        if name.startswith(RELP_WITHOUT) and (rule not in RELP_RULES or r.method != "relp"):
+            raise ValueError(f"estimators[{name!r}] must be RelP results with one of "
+                             f"{', '.join(RELP_RULES)} left out (relp_rule_effects makes them), got "
+                             f"method={r.method!r}")
+        what = (f"RelP without its {rule} rule" if name.startswith(RELP_WITHOUT)
+                else estimator_label(name))
+        _check_comparable(r, exact, f"estimators[{name!r}] ({what})")
     if diagnostics is not None:
         diagnostics = diagnostics.rethreshold(thresholds)
     common = [g for g in GRANULARITIES if g in estimate.scores and g in exact.scores]
@@ -902,6 +971,8 @@ def validate(estimate: PatchResults, exact: PatchResults, diagnostics: Diagnosti
                 continue
             level = level_of(sev, t)
             values = {name: float(v[idx]) for name, v in other_g.items() if np.isfinite(v[idx])}
+            without = {name.removeprefix(RELP_WITHOUT): values.pop(name) for name in list(values)
+                       if name.startswith(RELP_WITHOUT)}
             causes, notes = _causes(g, idx, diagnostics, t)
             more_causes, more_notes = _estimator_causes(
                 g, values | {estimate.method: float(a[idx])},
@@ -910,12 +981,16 @@ def validate(estimate: PatchResults, exact: PatchResults, diagnostics: Diagnosti
             if estimate.method == "atp_star" and g in QK_GRANULARITIES:  # the QK fix handled these
                 kept = [i for i, c in enumerate(causes) if "attention saturation" not in c]
                 causes, notes = [causes[i] for i in kept], [notes[i] for i in kept]
+            better = ([] if _agrees(a[idx], e[idx], unit, t) else
+                      [name for name, v in values.items() if _agrees(v, e[idx], unit, t)])
+            atp = (values | {estimate.method: float(a[idx])}).get("atp")
+            if "relp" in better and atp is not None and not _agrees(atp, e[idx], unit, t):
+                rule_causes, rule_notes = _relp_rule_cause(values["relp"], atp, without, unit, t)
+                causes, notes = causes + rule_causes, notes + rule_notes
             reason = (f"{kind}: exact {e[idx]:+.3g} ({re_:+.0%} of |gap|), {label} {a[idx]:+.3g} "
                       f"({ra:+.0%})")
             reason += "; " + "; ".join(notes) if notes else (
                 "; no diagnosed cause" if diagnostics is not None or others else "")
-            better = ([] if _agrees(a[idx], e[idx], unit, t) else
-                      [name for name, v in values.items() if _agrees(v, e[idx], unit, t)])
             for name in better:
                 reason += f"; {_with_fix(name, g)} agrees with exact ({values[name]:+.3g})"
             flags.append(Flag(g, idx, kind, float(sev), level, float(a[idx]), float(e[idx]),
