@@ -269,3 +269,19 @@ def test_relp_edges_sum_to_relp_nodes(cfg):
                                    nodes["mlp_out"][layer].sum(), atol=1e-5 * scale)
     assert np.nanmax(np.abs(edges.scores - eap.scores)) > 1e-3 * scale  # the rules did something
     assert edges.cost_forwards == eap.cost_forwards
+
+
+@pytest.mark.parametrize("name", ["qwen3-qknorm-window", "gemma3_text-qknorm-local-rope",
+                                  "olmo2-postnorm-qknorm"])
+def test_relp_runs_on_the_2025_families(family, name):
+    """Q/k norms, post-norms and local rotary under RelP's rules: same shapes as AtP, finite,
+    q/k exactly zero (the attention rule), the rules change the other estimates."""
+    model = family(name)[0]
+    task = random_task(vocab=model.config.d_vocab)
+    grans = ["resid_pre", "attn_out", "mlp_out", "z", "q", "k"]
+    relp = attribute(model, task, grans, method="relp", progress=False)
+    atp = attribute(model, task, grans, progress=False)
+    for g in grans:
+        assert relp[g].shape == atp[g].shape and np.all(np.isfinite(relp[g])), g
+    assert np.all(relp["q"] == 0) and np.all(relp["k"] == 0)
+    assert max(np.abs(relp[g] - atp[g]).max() for g in grans[:4]) > 1e-4
