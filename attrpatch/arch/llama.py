@@ -183,6 +183,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         out["mlp_bias"] = cfg.mlp_bias
     if mt in ("mistral", "gemma2", "gemma3_text"):
         out |= write_windows(cfg)
+    if mt == "mistral" and cfg.windows is not None and None not in cfg.windows:
+        del out["layer_types"]  # one window on every layer: Mistral's own form (with layer_types
+        # transformers reads the config as Ministral's, and says so)
     if mt in ("qwen2", "qwen3"):
         out |= write_windows(cfg) | {"use_sliding_window": cfg.windows is not None}
     if mt == "gemma3_text":
