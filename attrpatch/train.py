@@ -250,6 +250,14 @@ def induction_scores(model: Model, seq_len: int = 20, n: int = 64, first_id: int
     return induction, prev
 
 
+def _architecture_json(cfg: ModelConfig) -> str:
+    """The config as the card shows it: every architecture field (RelP's per-run
+    `backward_rules` is not part of the model)."""
+    fields = dataclasses.asdict(cfg)
+    del fields["backward_rules"]
+    return json.dumps(fields)
+
+
 def _n_params(model: Model) -> int:
     """Parameters, counting tied embeddings once."""
     n = sum(x.size for x in jax.tree.leaves(model.params))
@@ -490,7 +498,7 @@ circuit: a previous-token head in layer 0 and an induction head in layer 1 that 
 
 ## Architecture
 
-`{json.dumps(dataclasses.asdict(cfg))}` ({_n_params(model):,} parameters, tied embeddings).
+`{_architecture_json(cfg)}` ({_n_params(model):,} parameters, tied embeddings).
 Vocabulary: `<bos>` (0), `<unk>` (1), `t2` .. `t{cfg.d_vocab - 1}` (word-level `tokenizer.json`).
 
 ## Data and recipe
@@ -659,7 +667,7 @@ as GPT-2 small's; see the evidence below).
 
 ## Architecture
 
-`{json.dumps(dataclasses.asdict(cfg))}` ({_n_params(model):,} parameters).
+`{_architecture_json(cfg)}` ({_n_params(model):,} parameters).
 Vocabulary ({cfg.d_vocab} words, `tokenizer.json`, WordLevel + whitespace pre-tokenizer):
 `<bos>` `<pad>` `<unk>`, template words, {len(tasks.TOY_NAMES)} names, {len(tasks.TOY_PLACES)} places,
 {len(tasks.TOY_OBJECTS)} objects (`attrpatch.tasks.TOY_IOI_WORDS`).
